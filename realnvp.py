@@ -1,0 +1,493 @@
+"""RealNVP (Dinh, Sohl-Dickstein & Bengio, 2016) in plain PyTorch.
+
+Every layer, the model, the loss and the data sets live in this one file, in the
+order of the lecture notebook (Lecture 8: Normalizing Flows):
+
+    1. squeeze and masks         squeeze_2x2, MaskType, checkerboard_mask
+    2. s/t networks              Rescale, WNConv2d, ResidualBlock, ResNet
+    3. coupling                  CouplingLayer
+    4. multi-scale model         RealNVPConfig, _RealNVP, RealNVP
+    5. loss and metrics          RealNVPLoss, bits_per_dim, get_param_groups
+    6. data                      ImageDataset (MNIST, CIFAR-10), DataNotFoundError
+
+Direction convention, everywhere: `reverse=False` maps data -> latent and adds
+log|det J| to `sldj`; `reverse=True` maps latent -> data and leaves `sldj` alone.
+"""
+import gzip
+import math
+import os
+from dataclasses import asdict, dataclass
+from enum import IntEnum
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm
+
+# -----------------------------------------------------------------------------
+# 1. Squeeze and masks (paper Section 3.4, Figure 3)
+
+
+def squeeze_2x2(x, reverse=False, alt_order=False):
+    """Space-to-depth: (B, C, H, W) -> (B, 4C, H/2, W/2); `reverse=True` undoes it.
+
+    Default order: output channel `4c + 2dy + dx` holds x[c, 2i+dy, 2j+dx].
+    Alternate order: output channel `q*C + c` holds x[c, 2i+dy_q, 2j+dx_q] with
+    q = 0..3 the positions (0,0), (1,1), (0,1), (1,0), so the first 2C channels
+    are one checkerboard colour and the last 2C the other (the factor-out split).
+    Both are pure permutations: exact in every dtype.
+    """
+    B, C, H, W = x.shape
+    if reverse:
+        if C % 4 != 0:
+            raise ValueError(f'unsqueeze needs a channel count divisible by 4, got {C}')
+        if alt_order:
+            x = x.reshape(B, 4, C // 4, H, W)[:, _ALT_INVERSE]        # (B, 4, C/4, H, W) in (dy, dx) order
+            x = x.reshape(B, 2, 2, C // 4, H, W).permute(0, 3, 4, 1, 5, 2)
+        else:
+            x = x.reshape(B, C // 4, 2, 2, H, W).permute(0, 1, 4, 2, 5, 3)
+        return x.reshape(B, C // 4, 2 * H, 2 * W)                    # (B, C/4, 2H, 2W)
+    if H % 2 != 0 or W % 2 != 0:
+        raise ValueError(f'squeeze needs even height and width, got {H}x{W}')
+    x = x.reshape(B, C, H // 2, 2, W // 2, 2)                        # (B, C, H/2, dy, W/2, dx)
+    if alt_order:
+        x = x.permute(0, 3, 5, 1, 2, 4).reshape(B, 4, C, H // 2, W // 2)[:, _ALT_ORDER]
+    else:
+        x = x.permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(B, 4 * C, H // 2, W // 2)                       # (B, 4C, H/2, W/2)
+
+
+# (dy, dx) index 2*dy + dx of the alternate order's four positions, and its inverse.
+_ALT_ORDER = (0, 3, 1, 2)
+_ALT_INVERSE = (0, 2, 3, 1)
+
+
+class MaskType(IntEnum):
+    CHECKERBOARD = 0
+    CHANNEL_WISE = 1
+
+
+def checkerboard_mask(height, width, reverse=False, dtype=torch.float32, device=None):
+    """(1, 1, height, width) mask of alternating 0/1 with 0 top-left (1 top-left if `reverse`)."""
+    i = torch.arange(height, device=device).view(-1, 1)
+    j = torch.arange(width, device=device).view(1, -1)
+    mask = ((i + j + int(reverse)) % 2).to(dtype)
+    return mask.view(1, 1, height, width)
+
+
+# -----------------------------------------------------------------------------
+# 2. The s/t networks: weight-normed ResNets (paper Section 4.1)
+
+
+class Rescale(nn.Module):
+    """Per-channel scale y = w_c * x; weight-normed, so w = g * v / |v| (paper Section 4.1)."""
+
+    def __init__(self, num_channels):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels, 1, 1))
+
+    def forward(self, x):
+        return self.weight * x
+
+
+class WNConv2d(nn.Module):
+    """Weight-normalised convolution, W = g * V / ||V|| per output channel (Salimans & Kingma 2016)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, padding, bias=True):
+        super().__init__()
+        self.conv = weight_norm(nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=bias))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-activation ResNet block: x + conv(relu(bn(conv(relu(bn(x)))))) (He et al. 2016)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.in_norm = nn.BatchNorm2d(channels)
+        self.in_conv = WNConv2d(channels, channels, kernel_size=3, padding=1, bias=False)
+        self.out_norm = nn.BatchNorm2d(channels)
+        self.out_conv = WNConv2d(channels, channels, kernel_size=3, padding=1, bias=True)
+
+    def forward(self, x):
+        h = self.in_conv(F.relu(self.in_norm(x)))
+        h = self.out_conv(F.relu(self.out_norm(h)))
+        return x + h
+
+
+class ResNet(nn.Module):
+    """The s/t network: bn -> [x, -x] -> relu -> conv -> residual blocks with 1x1 skips -> bn -> relu -> 1x1 conv."""
+
+    def __init__(self, in_channels, mid_channels, out_channels, num_blocks, double_after_norm):
+        super().__init__()
+        self.double_after_norm = double_after_norm
+        self.in_norm = nn.BatchNorm2d(in_channels)
+        self.in_conv = WNConv2d(2 * in_channels, mid_channels, kernel_size=3, padding=1, bias=True)
+        self.in_skip = WNConv2d(mid_channels, mid_channels, kernel_size=1, padding=0, bias=True)
+        self.blocks = nn.ModuleList([ResidualBlock(mid_channels) for _ in range(num_blocks)])
+        self.skips = nn.ModuleList([WNConv2d(mid_channels, mid_channels, kernel_size=1, padding=0, bias=True)
+                                    for _ in range(num_blocks)])
+        self.out_norm = nn.BatchNorm2d(mid_channels)
+        self.out_conv = WNConv2d(mid_channels, out_channels, kernel_size=1, padding=0, bias=True)
+
+    def forward(self, x):
+        x = self.in_norm(x)
+        if self.double_after_norm:
+            x = 2.0 * x
+        x = F.relu(torch.cat((x, -x), dim=1))                           # (B, 2C, H, W)
+        x = self.in_conv(x)
+        x_skip = self.in_skip(x)
+        for block, skip in zip(self.blocks, self.skips):
+            x = block(x)
+            x_skip = x_skip + skip(x)
+        return self.out_conv(F.relu(self.out_norm(x_skip)))
+
+
+# -----------------------------------------------------------------------------
+# 3. Affine coupling (paper Section 3.2-3.3)
+
+
+class CouplingLayer(nn.Module):
+    """Affine coupling y = b*x + (1-b) * (x + t(b*x)) * exp(s(b*x)), log|det| = sum (1-b)*s (Section 3.3).
+
+    s = rescale(tanh(raw s)). Checkerboard masks act on the spatial grid; channel-wise
+    masks keep one half of the channels (the first if `reverse_mask`) and change the other.
+    """
+
+    def __init__(self, in_channels, mid_channels, num_blocks, mask_type, reverse_mask):
+        super().__init__()
+        self.mask_type = MaskType(mask_type)
+        self.reverse_mask = reverse_mask
+        if self.mask_type == MaskType.CHANNEL_WISE:
+            in_channels //= 2
+        self.st_net = ResNet(in_channels, mid_channels, 2 * in_channels, num_blocks,
+                             double_after_norm=self.mask_type == MaskType.CHECKERBOARD)
+        self.rescale = weight_norm(Rescale(in_channels))
+
+    def _scale_translate(self, x_id):
+        # The s/t net may run in bf16 under autocast; the coupling arithmetic stays in x's dtype.
+        s, t = self.st_net(x_id).to(x_id.dtype).chunk(2, dim=1)
+        return self.rescale(torch.tanh(s)), t
+
+    def forward(self, x, sldj=None, reverse=False):
+        if self.mask_type == MaskType.CHECKERBOARD:
+            B, C, H, W = x.shape
+            b = checkerboard_mask(H, W, self.reverse_mask, dtype=x.dtype, device=x.device)
+            s, t = self._scale_translate(x * b)
+            s, t = s * (1 - b), t * (1 - b)
+            x_change, x_id = x, None
+        elif self.reverse_mask:
+            x_id, x_change = x.chunk(2, dim=1)                          # 2 x (B, C/2, H, W)
+            s, t = self._scale_translate(x_id)
+        else:
+            x_change, x_id = x.chunk(2, dim=1)
+            s, t = self._scale_translate(x_id)
+
+        if reverse:
+            x_change = x_change * torch.exp(-s) - t
+        else:
+            x_change = (x_change + t) * torch.exp(s)
+            sldj = sldj + s.flatten(1).sum(-1)
+
+        if self.mask_type == MaskType.CHECKERBOARD:
+            x = x_change
+        elif self.reverse_mask:
+            x = torch.cat((x_id, x_change), dim=1)
+        else:
+            x = torch.cat((x_change, x_id), dim=1)
+        return x, sldj
+
+
+# -----------------------------------------------------------------------------
+# 4. The multi-scale model (paper Section 3.6, Figure 4)
+
+
+@dataclass
+class RealNVPConfig:
+    in_channels: int = 1
+    img_size: int = 14
+    num_scales: int = 2
+    mid_channels: int = 64
+    num_blocks: int = 8
+    data_constraint: float = 0.9
+
+    def validate(self):
+        """Raise ValueError with one line when the architecture cannot take this config."""
+        for name in ('in_channels', 'img_size', 'num_scales', 'mid_channels', 'num_blocks'):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f'{name} must be a positive integer, got {value!r}')
+        if not 0.0 < self.data_constraint < 1.0:
+            raise ValueError(f'data_constraint must lie in (0, 1), got {self.data_constraint!r}')
+        factor = 2 ** (self.num_scales - 1)
+        if self.img_size % factor != 0 or self.img_size // factor < 2:
+            sizes = ', '.join(str(factor * k) for k in range(1, 6))
+            raise ValueError(f'image size {self.img_size} does not fit {self.num_scales} scales: every squeeze '
+                             f'halves it, so it must be a multiple of {factor} and at least {2 * factor} '
+                             f'(e.g. {sizes}, ...)')
+
+
+class _RealNVP(nn.Module):
+    """One scale: 3 checkerboard couplings, squeeze, 3 channel-wise couplings, unsqueeze, then factor
+    out half the variables (alternate-order squeeze) and recurse; the last scale has 4 checkerboard couplings."""
+
+    def __init__(self, scale_idx, num_scales, in_channels, mid_channels, num_blocks):
+        super().__init__()
+        self.is_last_block = scale_idx == num_scales - 1
+        n_checker = 4 if self.is_last_block else 3
+        self.in_couplings = nn.ModuleList([
+            CouplingLayer(in_channels, mid_channels, num_blocks, MaskType.CHECKERBOARD, reverse_mask=i % 2 == 1)
+            for i in range(n_checker)])
+        if not self.is_last_block:
+            self.out_couplings = nn.ModuleList([
+                CouplingLayer(4 * in_channels, 2 * mid_channels, num_blocks, MaskType.CHANNEL_WISE,
+                              reverse_mask=i % 2 == 1)
+                for i in range(3)])
+            self.next_block = _RealNVP(scale_idx + 1, num_scales, 2 * in_channels, 2 * mid_channels, num_blocks)
+
+    def forward(self, x, sldj, reverse=False):
+        if not reverse:
+            for coupling in self.in_couplings:
+                x, sldj = coupling(x, sldj)
+        if not self.is_last_block:
+            if not reverse:
+                x = squeeze_2x2(x)                                      # (B, 4C, H/2, W/2)
+                for coupling in self.out_couplings:
+                    x, sldj = coupling(x, sldj)
+                x = squeeze_2x2(x, reverse=True)                        # (B, C, H, W)
+            x = squeeze_2x2(x, alt_order=True)                          # (B, 4C, H/2, W/2)
+            x, x_split = x.chunk(2, dim=1)                              # keep 2C, factor out 2C
+            x, sldj = self.next_block(x, sldj, reverse)
+            x = squeeze_2x2(torch.cat((x, x_split), dim=1), reverse=True, alt_order=True)  # (B, C, H, W)
+            if reverse:
+                x = squeeze_2x2(x)
+                for coupling in reversed(self.out_couplings):
+                    x, sldj = coupling(x, sldj, reverse=True)
+                x = squeeze_2x2(x, reverse=True)
+        if reverse:
+            for coupling in reversed(self.in_couplings):
+                x, sldj = coupling(x, sldj, reverse=True)
+        return x, sldj
+
+
+class RealNVP(nn.Module):
+    """RealNVP: z = f(logit(c * (x*255 + u)/256 + (1-c)/2)), log p(x) >= log N(z) + log|det df| - D log 256.
+
+    Dinh et al. 2016, Sections 3 and 4.1. The latent z has the input's shape: the factored-out
+    halves sit in place, in the alternate-order squeeze layout of each scale.
+    """
+
+    def __init__(self, in_channels=1, img_size=14, num_scales=2, mid_channels=64, num_blocks=8,
+                 data_constraint=0.9):
+        super().__init__()
+        self.config = RealNVPConfig(in_channels, img_size, num_scales, mid_channels, num_blocks, data_constraint)
+        self.config.validate()
+        self.flows = _RealNVP(0, num_scales, in_channels, mid_channels, num_blocks)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**(asdict(config) if isinstance(config, RealNVPConfig) else config))
+
+    @property
+    def shape(self):
+        return (self.config.in_channels, self.config.img_size, self.config.img_size)
+
+    def forward(self, x, reverse=False, noise=None, validate=True):
+        """data -> (z, sldj) with x in [0, 1]; or, with `reverse=True`, latent -> (logits, None).
+
+        `noise` is the dequantisation noise u in [0, 1) (drawn when None); `validate=False`
+        skips the input-range check, which costs a host sync, for data already checked."""
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f'expected input of shape (B, {", ".join(map(str, self.shape))}), '
+                             f'got {tuple(x.shape)}')
+        if reverse:
+            return self.flows(x, None, reverse=True)
+        if validate:
+            lo, hi = x.min().item(), x.max().item()
+            if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
+                raise ValueError(f'expected pixels in [0, 1], got min {lo:.4g} and max {hi:.4g}')
+        y, sldj = self.preprocess(x, noise)
+        return self.flows(y, sldj)
+
+    def preprocess(self, x, noise=None):
+        """Dequantise and take logits: y = logit(c*(2v - 1)/2 + 1/2), v = (255x + u)/256 (Section 4.1).
+
+        Returns y and log|dy/dv| summed per image; the 1/256 of v is the loss's D log 256."""
+        c = self.config.data_constraint
+        u = torch.rand_like(x) if noise is None else noise
+        v = (x * 255.0 + u) / 256.0
+        p = (c * (2.0 * v - 1.0) + 1.0) / 2.0
+        y = torch.log(p) - torch.log1p(-p)
+        # dy/dv = c / (p (1 - p)), and -log p - log(1 - p) = softplus(y) + softplus(-y).
+        ldj = F.softplus(y) + F.softplus(-y) + math.log(c)
+        return y, ldj.flatten(1).sum(-1)
+
+    def postprocess(self, y):
+        """Inverse of `preprocess` without the noise: logits -> v = (sigmoid(y) - (1-c)/2) / c, clamped to [0, 1]."""
+        c = self.config.data_constraint
+        return ((torch.sigmoid(y) - (1.0 - c) / 2.0) / c).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def sample(self, n, temperature=1.0, generator=None):
+        """n images in [0, 1], shape (n, C, H, W), from z ~ N(0, temperature^2 I), in eval mode."""
+        param = next(self.parameters())
+        z = torch.randn((n, *self.shape), generator=generator, dtype=param.dtype, device=param.device)
+        was_training = self.training
+        self.eval()
+        try:
+            y, _ = self(temperature * z, reverse=True)
+        finally:
+            self.train(was_training)
+        return self.postprocess(y)
+
+
+# -----------------------------------------------------------------------------
+# 5. Loss, metrics and the optimizer's parameter groups (paper Section 3.1, Eq. 3)
+
+
+class RealNVPLoss(nn.Module):
+    """NLL in nats of 8-bit data: -[log N(z; 0, I) + sldj - D log k] per image, averaged unless reduction='none'."""
+
+    def __init__(self, k=256, reduction='mean'):
+        super().__init__()
+        if reduction not in ('mean', 'none'):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        self.k = k
+        self.reduction = reduction
+
+    def forward(self, z, sldj):
+        D = z[0].numel()
+        prior_ll = -0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(1).sum(-1)
+        nll = -(prior_ll + sldj - D * math.log(self.k))
+        return nll.mean() if self.reduction == 'mean' else nll
+
+
+def bits_per_dim(x, nll):
+    """bpd = nll / (D ln 2), D = C*H*W of `x` (a batch or a shape's worth of tensor)."""
+    D = x[0].numel()
+    return nll / (D * math.log(2))
+
+
+def get_param_groups(model, weight_decay):
+    """Two Adam groups: the weight-norm scales g (L2 `weight_decay`, paper Section 4.1) and the rest (none).
+
+    With `torch.nn.utils.parametrizations.weight_norm` the scale g is `parametrizations.weight.original0`
+    (the old `weight_g` name that the lecture selects no longer exists)."""
+    scales = []
+    for module in model.modules():
+        if parametrize.is_parametrized(module, 'weight'):
+            scales.append(module.parametrizations.weight.original0)
+    scale_ids = {id(p) for p in scales}
+    others = [p for p in model.parameters() if id(p) not in scale_ids]
+    return [{'name': 'weight_norm_scales', 'params': scales, 'weight_decay': weight_decay},
+            {'name': 'others', 'params': others, 'weight_decay': 0.0}]
+
+
+# -----------------------------------------------------------------------------
+# 6. Data: MNIST (IDX files in torchvision's layout) and CIFAR-10, as uint8 tensors in memory
+
+MNIST_FILES = {True: ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+               False: ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
+DATASETS = ('mnist', 'cifar10')
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The data set is not on disk and could not be downloaded; the message says what is needed where."""
+
+
+def read_idx(path):
+    """Read an IDX file (or its .gz) into a numpy array: magic 0,0,dtype,ndim then big-endian int32 sizes."""
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'rb') as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f'{path} is not an unsigned-byte IDX file')
+    ndim = data[3]
+    dims = np.frombuffer(data, dtype='>i4', count=ndim, offset=4).astype(np.int64)
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(dims)):
+        raise ValueError(f'{path} is truncated: expected {int(np.prod(dims))} values, found {array.size}')
+    return array.reshape(tuple(dims)).copy()  # writable, independent of the file buffer
+
+
+def _find(raw_dir, name):
+    for candidate in (name, name + '.gz'):
+        path = os.path.join(raw_dir, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def load_mnist(data_dir, train=True, download=True):
+    """(images uint8 (N, 1, 28, 28), labels int64 (N,)) from DIR/MNIST/raw/, downloading only if missing."""
+    raw_dir = os.path.join(data_dir, 'MNIST', 'raw')
+    names = MNIST_FILES[train]
+    paths = [_find(raw_dir, n) for n in names]
+    if None in paths and download:
+        try:
+            import torchvision
+            torchvision.datasets.MNIST(data_dir, train=train, download=True)
+        except Exception as e:  # offline, or a mirror failed: say what is needed instead of the traceback
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise DataNotFoundError(
+                f'MNIST not found: need {" and ".join(names)} in {raw_dir}/ (point --data-dir at the folder '
+                f'holding MNIST/raw/); downloading failed: {reason}') from None
+        paths = [_find(raw_dir, n) for n in names]
+    if None in paths:
+        raise DataNotFoundError(f'MNIST not found: need {" and ".join(names)} in {raw_dir}/ '
+                                f'(point --data-dir at the folder holding MNIST/raw/)')
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+        raise ValueError(f'{paths[0]} and {paths[1]} do not form an image/label pair')
+    return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+def load_cifar10(data_dir, train=True, download=True):
+    """(images uint8 (N, 3, 32, 32), labels int64 (N,)) via torchvision from DIR/cifar-10-batches-py/."""
+    import torchvision
+    try:
+        ds = torchvision.datasets.CIFAR10(data_dir, train=train, download=False)
+    except RuntimeError:
+        if not download:
+            raise DataNotFoundError(f'CIFAR-10 not found in {data_dir}/cifar-10-batches-py/ (point --data-dir '
+                                    f'at the folder holding it)') from None
+        try:
+            ds = torchvision.datasets.CIFAR10(data_dir, train=train, download=True)
+        except Exception as e:
+            raise DataNotFoundError(f'CIFAR-10 not found in {data_dir}/cifar-10-batches-py/ (point --data-dir '
+                                    f'at the folder holding it); downloading failed: {e}') from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
+    return images, torch.tensor(ds.targets, dtype=torch.int64)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """An image data set held in memory as uint8 (N, C, img_size, img_size); items are (x in [0, 1], label).
+
+    Resizing happens on the 8-bit images (antialiased bilinear, rounded back to uint8), so pixels
+    stay on the 1/255 grid that dequantisation assumes. `digits` keeps only those labels."""
+
+    def __init__(self, name='mnist', data_dir='./data', train=True, img_size=14, digits=None, download=True):
+        if name not in DATASETS:
+            raise ValueError(f'unknown data set {name!r}; choose one of {", ".join(DATASETS)}')
+        loader = load_mnist if name == 'mnist' else load_cifar10
+        images, labels = loader(data_dir, train=train, download=download)
+        if digits:
+            keep = torch.isin(labels, torch.tensor(sorted(set(digits)), dtype=labels.dtype))
+            if not keep.any():
+                raise ValueError(f'no {name} images with labels {sorted(set(digits))}')
+            images, labels = images[keep], labels[keep]
+        if images.shape[-1] != img_size or images.shape[-2] != img_size:
+            import torchvision.transforms.functional as TF
+            images = TF.resize(images, [img_size, img_size], antialias=True)  # uint8 in, uint8 out
+        self.images = images.contiguous()
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i].float() / 255.0, self.labels[i]
