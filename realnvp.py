@@ -491,3 +491,93 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.images[i].float() / 255.0, self.labels[i]
+
+
+# -----------------------------------------------------------------------------
+# 7. Evaluation, devices and checkpoints (shared by train.py, sample.py, evaluate.py)
+
+
+@torch.no_grad()
+def nll_per_image(model, images, batch_size=512, dequant_samples=1):
+    """NLL in nats of each uint8 image (N, C, H, W), in eval mode; the model's mode is restored.
+
+    With K = `dequant_samples` > 1 it is the importance-weighted bound -log mean_k p(x + u_k)
+    (logsumexp over K dequantisation draws), which is no looser than K = 1."""
+    device = next(model.parameters()).device
+    loss_fn = RealNVPLoss(reduction='none')
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for batch in images.split(batch_size):
+            x = batch.to(device).float() / 255.0                     # (b, C, H, W) in [0, 1]
+            draws = torch.stack([loss_fn(*model(x, validate=False)) for _ in range(dequant_samples)])  # (K, b)
+            out.append(-(torch.logsumexp(-draws, dim=0) - math.log(dequant_samples)))
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def pick_device(name=None):
+    """torch.device for `name`, or the best there is: CUDA, then MPS, then CPU."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device('cuda')
+        if torch.backends.mps.is_available():
+            return torch.device('mps')
+        return torch.device('cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f'unknown device {name!r}; use cpu, cuda, cuda:N or mps') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'device {name!r} asked for, but CUDA is not available here; use --device cpu')
+    if device.type == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f'device {name!r} asked for, but MPS is not available here; use --device cpu')
+    return device
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or does not fit; the message says which and what to do."""
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a checkpoint."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device='cpu'):
+    """(model in eval mode on `device`, checkpoint dict) from a file written by train.py."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint {path} not found; pass --ckpt PATH to a best.pt or last.pt from train.py')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f'checkpoint {path} cannot be read ({first}); it may be truncated or not from train.py') from None
+    if not isinstance(ckpt, dict) or 'config' not in ckpt or 'model' not in ckpt:
+        raise CheckpointError(f'{path} is not a train.py checkpoint (no model config and weights inside)')
+    try:
+        model = RealNVP.from_config(ckpt['config'])
+        model.load_state_dict(ckpt['model'])
+    except (TypeError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f'the weights in {path} do not fit its config: {first}') from None
+    return model.to(device).eval(), ckpt
+
+
+def find_checkpoint(runs_dir='runs'):
+    """The newest run's best.pt (or last.pt) under `runs_dir`."""
+    candidates = []
+    if os.path.isdir(runs_dir):
+        for run in os.listdir(runs_dir):
+            for name in ('best.pt', 'last.pt'):
+                path = os.path.join(runs_dir, run, name)
+                if os.path.isfile(path):
+                    candidates.append((os.path.getmtime(os.path.join(runs_dir, run)), name == 'best.pt', path))
+                    break
+    if not candidates:
+        raise CheckpointError(f'no checkpoint found under {runs_dir}/; train one with train.py or pass --ckpt PATH')
+    return max(candidates)[2]
