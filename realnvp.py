@@ -13,9 +13,11 @@ order of the lecture notebook (Lecture 8: Normalizing Flows):
 Direction convention, everywhere: `reverse=False` maps data -> latent and adds
 log|det J| to `sldj`; `reverse=True` maps latent -> data and leaves `sldj` alone.
 """
+import argparse
 import gzip
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 from enum import IntEnum
 
@@ -581,3 +583,39 @@ def find_checkpoint(runs_dir='runs'):
     if not candidates:
         raise CheckpointError(f'no checkpoint found under {runs_dir}/; train one with train.py or pass --ckpt PATH')
     return max(candidates)[2]
+
+
+# -----------------------------------------------------------------------------
+# 8. Command-line helpers (argparse types: a bad value exits 2 with one line)
+
+
+def _number(kind, text, ok, what):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'must be {what}, got {text!r}') from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f'must be {what}, got {text!r}')
+    return value
+
+
+def positive_int(text):
+    return _number(int, text, lambda v: v >= 1, 'a positive integer')
+
+
+def non_negative_int(text):
+    return _number(int, text, lambda v: v >= 0, 'zero or a positive integer')
+
+
+def positive_float(text):
+    return _number(float, text, lambda v: v > 0 and math.isfinite(v), 'a positive number')
+
+
+def non_negative_float(text):
+    return _number(float, text, lambda v: v >= 0 and math.isfinite(v), 'zero or a positive number')
+
+
+def die(prog, error, code=1):
+    """Print `prog: error: <one line>` to stderr and exit with `code`."""
+    print(f'{prog}: error: {error}', file=sys.stderr)
+    sys.exit(code)

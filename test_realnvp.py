@@ -392,3 +392,230 @@ def test_config_round_trips_through_plain_types():
     model = RealNVP.from_config(asdict(config))
     assert model.config == config
     assert RealNVP.from_config(config).config == config
+
+
+# -----------------------------------------------------------------------------
+# the scripts, end to end in subprocesses, on a tiny IDX data folder
+
+import signal
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_RUN = ['--image-size', '8', '--mid-channels', '4', '--num-blocks', '1', '--batch-size', '16',
+            '--num-threads', '1']
+OFFLINE = {'http_proxy': 'http://127.0.0.1:9', 'https_proxy': 'http://127.0.0.1:9',
+           'HTTP_PROXY': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9'}
+
+
+def script(name, *args, timeout=300):
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', **OFFLINE}
+    return subprocess.run([sys.executable, os.path.join(HERE, name), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=HERE)
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_one_line_error(result, code, *needles):
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert 'Traceback' not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    for needle in needles:
+        assert needle in last, last
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return make_mnist(str(tmp_path_factory.mktemp('data')), n=100)
+
+
+@pytest.fixture(scope='module')
+def full_run(data_dir, tmp_path_factory):
+    """An uninterrupted 2-epoch run: 100 images / batch 16 = 7 steps an epoch."""
+    out = str(tmp_path_factory.mktemp('runs') / 'full')
+    result = script('train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 2, *TINY_RUN)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_train_writes_checkpoints_metrics_plot_and_grid(full_run):
+    for name in ('last.pt', 'best.pt', 'metrics.csv', 'curves.png', 'samples_epoch001.png', 'samples_epoch002.png',
+                 'train.log', 'config.json'):
+        assert os.path.isfile(os.path.join(full_run, name)), name
+    ckpt = load(os.path.join(full_run, 'last.pt'))
+    assert ckpt['step'] == 14 and ckpt['epoch'] == 2 and ckpt['skipped'] == 0
+    assert ckpt['config'] == dict(in_channels=1, img_size=8, num_scales=2, mid_channels=4, num_blocks=1,
+                                  data_constraint=0.9)
+    assert ckpt['args']['seed'] == 0 and 'state' in ckpt['optimizer']
+    rows = open(os.path.join(full_run, 'metrics.csv')).read().strip().splitlines()
+    assert rows[0].startswith('epoch,step,train_bpd,test_bpd') and len(rows) == 3
+    best_bpd = min(float(r.split(',')[3]) for r in rows[1:])
+    assert abs(load(os.path.join(full_run, 'best.pt'))['best_bpd'] - best_bpd) < 1e-4
+    log = open(os.path.join(full_run, 'train.log')).read()
+    assert 'seed 0' in log and 'epoch 2: train bpd' in log
+    with open(os.path.join(full_run, 'config.json')) as f:
+        import json
+        assert json.load(f)['model']['mid_channels'] == 4
+
+
+def assert_same_weights(path_a, path_b):
+    a, b = load(path_a), load(path_b)
+    assert a['step'] == b['step']
+    for key in a['model']:
+        assert torch.equal(a['model'][key], b['model'][key]), key
+
+
+def test_resume_continues_and_equals_the_uninterrupted_run(full_run, data_dir, tmp_path):
+    out = str(tmp_path / 'stopped')
+    first = script('train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 2, '--max-steps', 10, *TINY_RUN)
+    assert first.returncode == 0, first.stderr
+    assert load(os.path.join(out, 'last.pt'))['step'] == 10   # mid-way through epoch 2
+    second = script('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir, '--num-threads', 1)
+    assert second.returncode == 0, second.stderr
+    assert 'resumed from' in second.stdout
+    assert_same_weights(os.path.join(out, 'last.pt'), os.path.join(full_run, 'last.pt'))
+    rows = open(os.path.join(out, 'metrics.csv')).read().strip().splitlines()
+    assert [r.split(',')[0] for r in rows[1:]] == ['1', '2']
+
+
+def test_ctrl_c_saves_and_resume_equals_the_uninterrupted_run(full_run, data_dir, tmp_path):
+    out = str(tmp_path / 'interrupted')
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', **OFFLINE}
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'train.py'), '--data-dir', data_dir, '--out-dir', out,
+                             '--epochs', '2', *TINY_RUN], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=HERE)
+    for line in proc.stdout:
+        if line.startswith('training'):
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert 'Traceback' not in stderr and 'interrupted at step' in stdout
+    step = load(os.path.join(out, 'last.pt'))['step']
+    assert 1 <= step < 14
+    resumed = script('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir, '--num-threads', 1)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_weights(os.path.join(out, 'last.pt'), os.path.join(full_run, 'last.pt'))
+
+
+def test_non_finite_step_leaves_weights_and_optimizer_untouched():
+    import train
+    from contextlib import nullcontext
+    torch.manual_seed(0)
+    model = RealNVP(img_size=4, num_scales=2, **TINY)
+    opt = torch.optim.Adam(get_param_groups(model, 5e-5), lr=1e-2, fused=True)
+    x = torch.rand(8, 1, 4, 4)
+    loss, bad = train.train_step(model, opt, RealNVPLoss(), x, 100.0, nullcontext())
+    assert bad.item() == 0 and torch.isfinite(loss)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if 'running' not in k and 'batches' not in k}
+    moments = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+
+    def nan_loss(z, sldj):
+        return RealNVPLoss()(z, sldj) * float('nan')
+
+    loss, bad = train.train_step(model, opt, nan_loss, x, 100.0, nullcontext())
+    assert bad.item() == 1 and torch.isnan(loss)
+    for k, v in weights.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            assert torch.equal(v, moments[id(p)][k]), k
+    loss, bad = train.train_step(model, opt, RealNVPLoss(), x, 100.0, nullcontext())
+    assert bad.item() == 0
+    assert any(not torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_persistent_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(full_run, data_dir, tmp_path,
+                                                                                  monkeypatch, capsys):
+    import shutil
+    import train
+    out = str(tmp_path / 'nan')
+    shutil.copytree(full_run, out)
+    before = open(os.path.join(out, 'last.pt'), 'rb').read()
+    monkeypatch.setattr(RealNVPLoss, 'forward', lambda self, z, sldj: (z.sum() + sldj.sum()) * float('nan'))
+    code = train.main(['--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir, '--epochs', '4',
+                       '--max-bad-steps', '3', '--log-every', '1'])
+    assert code == 1
+    assert 'steps in a row had a non-finite loss' in capsys.readouterr().out
+    assert open(os.path.join(out, 'last.pt'), 'rb').read() == before
+
+
+def test_sample_writes_a_grid_of_the_right_size(full_run, tmp_path):
+    from PIL import Image
+    out = str(tmp_path / 'grid.png')
+    result = script('sample.py', '--ckpt', os.path.join(full_run, 'best.pt'), '--n', 9, '--out', out)
+    assert result.returncode == 0, result.stderr
+    assert out in result.stdout
+    assert Image.open(out).size == (3 * 9 + 1, 3 * 9 + 1)   # 3x3 tiles of 8 pixels, 1-pixel padding
+    interp = str(tmp_path / 'interp.png')
+    result = script('sample.py', '--ckpt', os.path.join(full_run, 'best.pt'), '--interpolate', '--pairs', 2,
+                    '--steps', 5, '--out', interp)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(interp).size == (5 * 9 + 1, 2 * 9 + 1)
+
+
+def test_interpolation_ends_decode_to_the_inputs_exactly(full_run, data_dir):
+    import sample
+    model, _ = realnvp.load_checkpoint(os.path.join(full_run, 'best.pt'))
+    images = ImageDataset('mnist', data_dir, train=False, img_size=8, download=False).images[:6].float() / 255
+    out = sample.interpolate(model, images[:3], images[3:], steps=4).reshape(3, 4, 1, 8, 8)
+    assert torch.equal(out[:, 0], images[:3]) and torch.equal(out[:, -1], images[3:])
+    assert not torch.equal(out[:, 1], images[:3])
+
+
+def test_evaluate_prints_the_directly_computed_bpd(full_run, data_dir):
+    import json
+    result = script('evaluate.py', '--ckpt', os.path.join(full_run, 'best.pt'), '--data-dir', data_dir, '--json',
+                    '--seed', 3)
+    assert result.returncode == 0, result.stderr
+    reported = json.loads(result.stdout)
+    model, _ = realnvp.load_checkpoint(os.path.join(full_run, 'best.pt'))
+    x = ImageDataset('mnist', data_dir, train=False, img_size=8, download=False).images.float() / 255
+    torch.manual_seed(3)
+    with torch.no_grad():
+        nll = RealNVPLoss(reduction='none')(*model(x))
+    bpd = bits_per_dim(x, nll)
+    assert reported['images'] == 100
+    assert abs(reported['bpd'] - bpd.mean().item()) < 1e-5
+    assert abs(reported['stderr'] - bpd.std().item() / 10) < 1e-5
+
+
+def test_importance_weighted_bound_is_no_worse_on_the_same_draws(full_run, data_dir):
+    model, _ = realnvp.load_checkpoint(os.path.join(full_run, 'best.pt'))
+    images = ImageDataset('mnist', data_dir, train=False, img_size=8, download=False).images
+    torch.manual_seed(5)
+    k4 = realnvp.nll_per_image(model, images, dequant_samples=4).double()
+    torch.manual_seed(5)
+    singles = torch.stack([realnvp.nll_per_image(model, images).double() for _ in range(4)])
+    assert (k4 <= singles.mean(0) + 1e-4).all()
+    assert k4.mean() < singles.mean() - 1e-4
+    # and it is the log-mean-exp of those same draws
+    assert torch.allclose(k4, -(torch.logsumexp(-singles, 0) - math.log(4)), atol=1e-4)
+
+
+def test_bad_input_gives_one_clear_line(full_run, data_dir, tmp_path):
+    ckpt = os.path.join(full_run, 'best.pt')
+    assert_one_line_error(script('sample.py', '--ckpt', ckpt, '--n', 0), 2, '--n', 'positive integer')
+    assert_one_line_error(script('train.py', '--epochs', -1), 2, '--epochs')
+    assert_one_line_error(script('train.py', '--image-size', 7, '--data-dir', data_dir), 2, 'image size 7')
+    assert_one_line_error(script('sample.py', '--ckpt', str(tmp_path / 'missing.pt')), 1, 'not found')
+    corrupt = tmp_path / 'corrupt.pt'
+    corrupt.write_bytes(open(ckpt, 'rb').read()[:1000])
+    assert_one_line_error(script('evaluate.py', '--ckpt', corrupt, '--data-dir', data_dir), 1, 'cannot be read')
+    misfit = load(ckpt)
+    misfit['config']['mid_channels'] = 8
+    torch.save(misfit, tmp_path / 'misfit.pt')
+    assert_one_line_error(script('sample.py', '--ckpt', tmp_path / 'misfit.pt'), 1, 'do not fit its config')
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    assert_one_line_error(script('train.py', '--data-dir', empty, '--out-dir', tmp_path / 'new', *TINY_RUN), 1,
+                          'MNIST not found', 'train-images-idx3-ubyte', '--data-dir')
+    before = {n: open(os.path.join(full_run, n), 'rb').read() for n in ('last.pt', 'best.pt', 'metrics.csv')}
+    assert_one_line_error(script('train.py', '--data-dir', data_dir, '--out-dir', full_run, *TINY_RUN), 2,
+                          'already holds', '--resume')
+    assert_one_line_error(script('train.py', '--resume', os.path.join(full_run, 'last.pt'), '--mid-channels', 8), 2,
+                          '--mid-channels differs')
+    assert before == {n: open(os.path.join(full_run, n), 'rb').read() for n in before}
+    assert_one_line_error(script('evaluate.py', '--runs-dir', tmp_path / 'no-runs'), 1, 'no checkpoint found')

@@ -27,52 +27,26 @@ from tqdm import tqdm
 
 import realnvp as R
 
-# Settings that define the model or the optimisation: on --resume they come from the checkpoint.
+# On --resume, settings that define the model, the data or the optimisation come from the checkpoint
+# (giving another value is an error); these others also come from it unless given again.
 FROZEN_ON_RESUME = ('batch_size', 'lr', 'weight_decay', 'max_grad_norm', 'num_scales', 'mid_channels',
                     'num_blocks', 'image_size', 'digits', 'dataset', 'seed', 'amp')
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be a positive integer, got {text}')
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'must be zero or more, got {text}')
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f'must be a positive number, got {text}')
-    return value
-
-
-def non_negative_float(text):
-    value = float(text)
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f'must be zero or more, got {text}')
-    return value
+KEPT_ON_RESUME = ('epochs', 'sample_every', 'log_every', 'max_bad_steps', 'data_dir')
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a('--epochs', type=non_negative_int, default=10, help='passes over the training set (default 10)')
-    a('--batch-size', type=positive_int, default=128, help='images per optimizer step, over all processes (default 128)')
-    a('--lr', type=positive_float, default=1e-3, help='Adam learning rate (default 1e-3)')
-    a('--weight-decay', type=non_negative_float, default=5e-5,
+    a('--epochs', type=R.non_negative_int, default=10, help='passes over the training set (default 10)')
+    a('--batch-size', type=R.positive_int, default=128, help='images per optimizer step, over all processes (default 128)')
+    a('--lr', type=R.positive_float, default=1e-3, help='Adam learning rate (default 1e-3)')
+    a('--weight-decay', type=R.non_negative_float, default=5e-5,
       help='L2 penalty on the weight-norm scales only, as in the RealNVP paper (default 5e-5)')
-    a('--max-grad-norm', type=positive_float, default=100.0, help='clip the gradient norm to this (default 100)')
-    a('--num-scales', type=positive_int, default=2, help='scales of the multi-scale architecture (default 2)')
-    a('--mid-channels', type=positive_int, default=64, help='channels of the first scale\'s s/t ResNets (default 64)')
-    a('--num-blocks', type=positive_int, default=8, help='residual blocks per s/t ResNet (default 8)')
-    a('--image-size', type=positive_int, default=14,
+    a('--max-grad-norm', type=R.positive_float, default=100.0, help='clip the gradient norm to this (default 100)')
+    a('--num-scales', type=R.positive_int, default=2, help='scales of the multi-scale architecture (default 2)')
+    a('--mid-channels', type=R.positive_int, default=64, help='channels of the first scale\'s s/t ResNets (default 64)')
+    a('--num-blocks', type=R.positive_int, default=8, help='residual blocks per s/t ResNet (default 8)')
+    a('--image-size', type=R.positive_int, default=14,
       help='images are resized to this; must be a multiple of 2^(num_scales-1) (default 14)')
     a('--digits', type=int, nargs='+', default=None, metavar='D',
       help='keep only these labels, e.g. --digits 0 2 as in the lecture (default: all)')
@@ -81,18 +55,18 @@ def build_parser():
     a('--out-dir', default=None, help='run folder (default: runs/<date-time>, or the folder of --resume)')
     a('--seed', type=int, default=0, help='seed for weights, batches and dequantisation noise (default 0)')
     a('--resume', default=None, metavar='PATH', help='continue from a last.pt (or best.pt) of an earlier run')
-    a('--max-steps', type=positive_int, default=None, metavar='N',
+    a('--max-steps', type=R.positive_int, default=None, metavar='N',
       help='stop once N optimizer steps are done in all (for quick runs; counts across --resume)')
-    a('--sample-every', type=positive_int, default=1, metavar='N',
+    a('--sample-every', type=R.positive_int, default=1, metavar='N',
       help='write a sample grid after the first epoch and every N epochs (default 1)')
-    a('--log-every', type=positive_int, default=10, metavar='N',
+    a('--log-every', type=R.positive_int, default=10, metavar='N',
       help='refresh the progress bar\'s bpd every N steps (reading it costs a device sync) (default 10)')
-    a('--max-bad-steps', type=positive_int, default=20, metavar='N',
+    a('--max-bad-steps', type=R.positive_int, default=20, metavar='N',
       help='stop when N steps in a row had a non-finite loss or gradient (default 20)')
     a('--device', default=None, help='cpu, cuda, cuda:N or mps (default: CUDA, then MPS, then CPU)')
     a('--amp', action='store_true', help='bf16 autocast for the s/t networks; couplings, log-dets and loss stay fp32')
     a('--compile', action='store_true', help='torch.compile the model (GPU)')
-    a('--num-threads', type=positive_int, default=None, help='CPU threads for PyTorch (default: its own choice)')
+    a('--num-threads', type=R.positive_int, default=None, help='CPU threads for PyTorch (default: its own choice)')
     return p
 
 
@@ -156,9 +130,9 @@ def plot_curves(rows, path):
     plt.close(fig)
 
 
-def save_grid(images, path):
+def save_grid(images, path, nrow=None):
     from torchvision.utils import save_image
-    save_image(images, path, nrow=math.ceil(math.sqrt(len(images))), padding=1, pad_value=1.0)
+    save_image(images, path, nrow=nrow or math.ceil(math.sqrt(len(images))), padding=1, pad_value=1.0)
 
 
 # -----------------------------------------------------------------------------
@@ -207,18 +181,25 @@ def new_run_dir():
     return path
 
 
-def resolve_args(parser, args):
+def given_flags(parser, argv):
+    """The dests of the options written on the command line."""
+    words = {w.split('=', 1)[0] for w in argv if w.startswith('--')}
+    return {a.dest for a in parser._actions if words & set(a.option_strings)}
+
+
+def resolve_args(parser, args, argv):
     """Apply --resume (settings from the checkpoint) and check what argparse cannot."""
     ckpt = None
     if args.resume:
         _, ckpt = R.load_checkpoint(args.resume)  # one-line errors for a missing, corrupt or misfitting file
-        saved = ckpt.get('args', {})
+        saved, given = ckpt.get('args', {}), given_flags(parser, argv)
         for key in FROZEN_ON_RESUME:
-            given = getattr(args, key)
-            if given != parser.get_default(key) and given != saved.get(key):
+            if key in given and getattr(args, key) != saved.get(key):
                 raise ValueError(f'--{key.replace("_", "-")} differs from the checkpoint\'s ({saved.get(key)!r}); '
                                  f'a resumed run keeps its settings: drop the flag or start a new run')
-            setattr(args, key, saved.get(key, given))
+        for key in FROZEN_ON_RESUME + KEPT_ON_RESUME:
+            if key in saved and key not in given:
+                setattr(args, key, saved[key])
         if args.out_dir is None:
             args.out_dir = os.path.dirname(os.path.abspath(args.resume))
     R.RealNVPConfig(in_channels=3 if args.dataset == 'cifar10' else 1, img_size=args.image_size,
@@ -233,9 +214,10 @@ def resolve_args(parser, args):
 
 def main(argv=None):
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     try:
-        ckpt = resolve_args(parser, args)
+        ckpt = resolve_args(parser, args, argv)
         device = R.pick_device(args.device)
     except ValueError as e:
         parser.error(str(e))
@@ -261,8 +243,7 @@ def main(argv=None):
         train_set = R.ImageDataset(args.dataset, args.data_dir, train=True, img_size=args.image_size, digits=args.digits)
         test_set = R.ImageDataset(args.dataset, args.data_dir, train=False, img_size=args.image_size, digits=args.digits)
     except (R.DataNotFoundError, ValueError) as e:
-        print(f'train.py: error: {e}', file=sys.stderr)
-        return 1
+        R.die('train.py', e)
     train_images = train_set.images.to(device)
     test_images = test_set.images[rank::world].to(device)
 
