@@ -619,3 +619,74 @@ def test_bad_input_gives_one_clear_line(full_run, data_dir, tmp_path):
                           '--mid-channels differs')
     assert before == {n: open(os.path.join(full_run, n), 'rb').read() for n in before}
     assert_one_line_error(script('evaluate.py', '--runs-dir', tmp_path / 'no-runs'), 1, 'no checkpoint found')
+
+
+# -----------------------------------------------------------------------------
+# answers.md: its checkable claims, against the code
+
+ANSWERS = os.path.join(HERE, 'answers.md')
+
+
+def test_jensen_bound_direction_on_a_gaussian():
+    """A 1-D Gaussian p = N(mu, sigma^2) and one discrete value x: closed forms on both sides of Jensen."""
+    mu, sigma, x = 2.3, 0.7, 2.0
+    normal = torch.distributions.Normal(torch.tensor(mu, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64))
+    log_P = torch.log(normal.cdf(torch.tensor(x + 1.0, dtype=torch.float64)) - normal.cdf(torch.tensor(x, dtype=torch.float64)))
+    # E_u[log p(x + u)], u ~ U[0, 1): E[(x + u - mu)^2] = (x - mu + 1/2)^2 + 1/12
+    expected_log_p = -0.5 * math.log(2 * math.pi * sigma ** 2) - ((x - mu + 0.5) ** 2 + 1 / 12) / (2 * sigma ** 2)
+    assert expected_log_p < log_P.item()
+    # importance-weighted bounds tighten with K and stay below log P
+    g = torch.Generator().manual_seed(0)
+    bounds = []
+    for K in (1, 4, 16):
+        u = torch.rand((200_000, K), generator=g, dtype=torch.float64)
+        bounds.append((torch.logsumexp(normal.log_prob(x + u), dim=1) - math.log(K)).mean().item())
+    assert abs(bounds[0] - expected_log_p) < 0.01
+    assert bounds[0] < bounds[1] < bounds[2] < log_P.item()
+
+
+def answers_table(header_start):
+    """The rows of the Markdown table in answers.md whose header begins with `header_start`."""
+    lines = open(ANSWERS).read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith('|'):
+            break
+        rows.append([cell.strip() for cell in line.strip('|').split('|')])
+    assert rows, header_start
+    return rows
+
+
+def parse_shape(text):
+    return tuple(int(v) for v in text.split('×'))
+
+
+def test_latent_pieces_match_answers_table():
+    rows = answers_table('| input | scales |')
+    assert len(rows) == 5
+    for shape_text, scales_text, pieces_text, total_text in rows:
+        C, H, W = parse_shape(shape_text)
+        model = RealNVP(in_channels=C, img_size=H, num_scales=int(scales_text), **TINY)
+        entering = []
+        hooks = [m.register_forward_pre_hook(lambda mod, inp: entering.append(tuple(inp[0].shape[1:])))
+                 for m in model.modules() if isinstance(m, realnvp._RealNVP)]
+        z, _ = model(torch.rand(1, C, H, W))
+        for h in hooks:
+            h.remove()
+        # scale i+1's input has the shape of what scale i factors out; the last scale's output is kept whole
+        pieces = entering[1:] + entering[-1:]
+        assert pieces == [parse_shape(p) for p in pieces_text.split(' + ')]
+        assert sum(math.prod(p) for p in pieces) == int(total_text) == z[0].numel() == C * H * W
+
+
+def test_answers_flop_and_parameter_figures():
+    import bench
+    rows = answers_table('| input | parameters |')
+    assert len(rows) == 2
+    for shape_text, params_text, forward_text, step_text in rows:
+        C, H, _ = parse_shape(shape_text)
+        params, forward, step = bench.count_flops(RealNVPConfig(in_channels=C, img_size=H))
+        assert params == int(params_text.replace(',', ''))
+        assert f'{forward / 1e9:.3f}' == forward_text
+        assert f'{step / 1e9:.3f}' == step_text
