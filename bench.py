@@ -9,11 +9,12 @@ Run one benchmark at a time: two heavy jobs on the same cores slow each other do
 """
 import argparse
 import json
-import math
+import re
 import resource
 import statistics
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -38,6 +39,9 @@ def build_parser():
     a('--amp', action='store_true', help='bf16 autocast for the s/t nets, as train.py --amp')
     a('--compile', action='store_true', help='torch.compile the model, as train.py --compile')
     a('--flops-only', action='store_true', help='print parameters and FLOPs per image, time nothing')
+    a('--lecture', default=None, metavar='NOTEBOOK',
+      help='also time the lecture notebook\'s own code (its text file, e.g. ../shared/seed/000_*.txt) on the same '
+           'config, device and data, for comparison')
     a('--json', action='store_true', help='print one JSON object instead of a table')
     return p
 
@@ -57,6 +61,44 @@ def count_flops(config, batch_size=1):
         loss_fn(*model(x)).backward()
     step = counter.get_total_flops() / batch_size
     return sum(p.numel() for p in model.parameters()), forward, step
+
+
+def lecture_code(notebook):
+    """The lecture's own definitions (squeeze_2x2 ... RealNVP, RealNVPLoss), by running its code cells 2-7 as they are."""
+    text = open(notebook).read()
+    cells = re.findall(r'^In \[(\d+)\]:\n(.*?)(?=^In \[|^#{2,3} |\Z)', text, flags=re.S | re.M)
+    code = '\n'.join(body for number, body in cells if 2 <= int(number) <= 7)
+    if 'class _RealNVP' not in code or 'class RealNVPLoss' not in code:
+        raise ValueError(f'{notebook} does not hold the lecture\'s RealNVP code cells')
+    namespace = {}
+    exec(compile(code, notebook, 'exec'), namespace)
+    return namespace
+
+
+def lecture_model(lecture, config, device):
+    """The lecture's RealNVP for a RealNVPConfig, on `device`."""
+    hyper = SimpleNamespace(num_scales=config.num_scales, mid_channels=config.mid_channels, num_blocks=config.num_blocks)
+    model = lecture['RealNVP'](config.img_size, config.in_channels, hyper)
+    model.to(device)  # its own constructor picks CUDA when there is one; follow --device instead
+    model.device = device
+    return model
+
+
+def lecture_train_step(notebook, config, batch_size, device):
+    """A training step of the lecture's own code: forward, its loss, backward, its clipping, Adam."""
+    lecture = lecture_code(notebook)
+    model = lecture_model(lecture, config, device)
+    loss_fn, clip = lecture['RealNVPLoss'](), lecture['clip_grad_norm']
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 256, (batch_size, config.in_channels, config.img_size, config.img_size), device=device) / 255.0
+
+    def step():
+        optimizer.zero_grad()
+        z, sldj = model(x, reverse=False)
+        loss_fn(z, sldj).backward()
+        clip(optimizer, 100.0)
+        optimizer.step()
+    return step
 
 
 def synchronize(device):
@@ -130,6 +172,14 @@ def benchmark(args):
     if args.amp:
         matmul_bf16 = matmul_flops_per_s(device, torch.bfloat16)
         result.update(matmul_bf16_gflop_per_s=matmul_bf16 / 1e9, ratio_to_bf16_matmul=achieved / matmul_bf16)
+    if args.lecture:
+        del model, net, optimizer
+        lecture_step = lecture_train_step(args.lecture, config, args.batch_size, device)
+        for _ in range(args.warmup):
+            lecture_step()
+        lecture_s = timed(lecture_step, device, args.steps)
+        result.update(lecture_train_images_per_s=args.batch_size / lecture_s,
+                      speedup_over_lecture=lecture_s / train_s)
     return result
 
 
@@ -163,6 +213,9 @@ def main(argv=None):
         if args.amp:
             rows += [('bf16 matmul GFLOP/s (same run)', f'{result["matmul_bf16_gflop_per_s"]:.1f}'),
                      ('achieved / bf16 matmul', f'{result["ratio_to_bf16_matmul"]:.2f}')]
+        if args.lecture:
+            rows += [('lecture code: training images/s', f'{result["lecture_train_images_per_s"]:.1f}'),
+                     ('speed-up over the lecture code', f'{result["speedup_over_lecture"]:.2f}x')]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f'  {key:<{width}}  {value:>12}')

@@ -690,3 +690,77 @@ def test_answers_flop_and_parameter_figures():
         assert params == int(params_text.replace(',', ''))
         assert f'{forward / 1e9:.3f}' == forward_text
         assert f'{step / 1e9:.3f}' == step_text
+
+
+# -----------------------------------------------------------------------------
+# multi-process training (torchrun, gloo on the CPU)
+
+
+def test_torchrun_two_processes_agree_and_write_a_usable_checkpoint(data_dir, tmp_path):
+    out = str(tmp_path / 'ddp')
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', **OFFLINE}
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                             os.path.join(HERE, 'train.py'), '--data-dir', data_dir, '--out-dir', out,
+                             '--epochs', '1', *TINY_RUN], capture_output=True, text=True, timeout=300, env=env,
+                            cwd=HERE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'weights identical across 2 ranks' in result.stdout
+    assert '2 process(es)' in result.stdout
+    ckpt = load(os.path.join(out, 'last.pt'))
+    assert ckpt['world_size'] == 2 and len(ckpt['rng']) == 2
+    assert ckpt['step'] == 7   # 100 images, 2 ranks x 8 = 16 a step
+    evaluated = script('evaluate.py', '--ckpt', os.path.join(out, 'best.pt'), '--data-dir', data_dir, '--json')
+    assert evaluated.returncode == 0, evaluated.stderr
+    import json
+    # the same model on the same test images; only the dequantisation draws differ (Monte Carlo noise)
+    assert abs(json.loads(evaluated.stdout)['bpd'] - ckpt['best_bpd']) < 0.05
+    sampled = script('sample.py', '--ckpt', os.path.join(out, 'best.pt'), '--n', 4, '--out', tmp_path / 's.png')
+    assert sampled.returncode == 0, sampled.stderr
+    assert os.path.isfile(tmp_path / 's.png')
+
+
+# -----------------------------------------------------------------------------
+# against the lecture's own code, and the benchmark script
+
+NOTEBOOK = os.path.join(HERE, '..', 'shared', 'seed', '000_3ef8c274db9a0617.txt')
+
+
+@pytest.mark.skipif(not os.path.isfile(NOTEBOOK), reason='the lecture notebook (../shared/seed) is not here')
+@pytest.mark.parametrize('channels,size,scales', [(1, 8, 2), (3, 8, 3)])
+def test_same_weights_give_the_lecture_models_latent_and_log_det(channels, size, scales):
+    """Our model is the lecture's architecture: its state dict loads into the lecture's code, and both agree."""
+    import bench
+    lecture = bench.lecture_code(NOTEBOOK)
+    ours = tiny_model(channels, size, scales)
+    theirs = bench.lecture_model(lecture, ours.config, torch.device('cpu')).double()
+    state = ours.state_dict()
+    missing, unexpected = theirs.load_state_dict(state, strict=False)
+    assert missing == ['data_constraint'] and unexpected == []
+    theirs.data_constraint.fill_(0.9)  # its buffer was float32 0.9 before .double(); ours is the float64 0.9
+    theirs.eval()
+    x = torch.randint(0, 256, (3, channels, size, size)).double() / 255
+    torch.manual_seed(7)
+    z_ours, sldj_ours = ours(x)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        z_theirs, sldj_theirs = theirs(x)
+    assert (z_ours - z_theirs).abs().max() < 1e-9
+    assert (sldj_ours - sldj_theirs).abs().max() < 1e-9
+    # .contiguous(): the lecture's loss calls .view, which fails on its own 3-channel, 3-scale latent
+    their_loss = lecture['RealNVPLoss']()(z_theirs.contiguous(), sldj_theirs)
+    assert abs(RealNVPLoss()(z_ours, sldj_ours).item() - their_loss.item()) < 1e-8
+
+
+def test_bench_reports_consistent_figures():
+    result = script('bench.py', '--image-size', 8, '--mid-channels', 4, '--num-blocks', 1, '--batch-size', 8,
+                    '--steps', 2, '--warmup', 1, '--num-threads', 1, '--device', 'cpu', '--json')
+    assert result.returncode == 0, result.stderr
+    import json
+    import bench
+    r = json.loads(result.stdout)
+    params, forward, step = bench.count_flops(RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1))
+    assert r['parameters'] == params and r['gflop_train_step_per_image'] == step / 1e9
+    assert abs(r['achieved_gflop_per_s'] - r['gflop_train_step_per_image'] * r['train_images_per_s']) < 1e-6 * r['achieved_gflop_per_s']
+    assert abs(r['ratio_to_fp32_matmul'] - r['achieved_gflop_per_s'] / r['matmul_fp32_gflop_per_s']) < 1e-9
+    assert r['train_images_per_s'] > 0 and r['sample_images_per_s'] > 0 and r['eval_images_per_s'] > 0
+    assert_one_line_error(script('bench.py', '--image-size', 10, '--num-scales', 3), 2, 'image size 10')

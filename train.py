@@ -299,6 +299,7 @@ def main(argv=None):
     previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def checkpoint(*paths):
+        sync_buffers()
         rng = {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None}
         rngs = [None] * world
         if world > 1:
@@ -318,7 +319,15 @@ def main(argv=None):
         sync_flag(flag)  # every rank stops at the same step
         return flag.item() > 0
 
+    def sync_buffers():
+        """Average the batch-norm running statistics over the ranks: each saw only its own batches."""
+        if world > 1:
+            for buffer in model.buffers():
+                if buffer.is_floating_point():
+                    dist.all_reduce(buffer, op=dist.ReduceOp.AVG)
+
     def test_bpd():
+        sync_buffers()
         nll = R.nll_per_image(model, test_images, batch_size=512).double()
         total = torch.stack([nll.sum(), torch.tensor(float(len(nll)), device=device, dtype=torch.float64)])
         if world > 1:
@@ -330,12 +339,28 @@ def main(argv=None):
         exit_code = train_loop(args, state, run, net, model, optimizer, loss_fn, autocast, sync_flag, sampler,
                                train_images, local_batch, steps_per_epoch, world, rank, device, D,
                                checkpoint, stop_requested, test_bpd, fixed_z, rows)
+        if world > 1:
+            check_ranks_agree(model, run, world)
     finally:
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
         if world > 1:
             dist.destroy_process_group()
     return exit_code
+
+
+def check_ranks_agree(model, run, world):
+    """Under DDP every rank must hold the same weights and statistics: compare digests, say so in the log."""
+    import hashlib
+    digest = hashlib.sha256()
+    for value in model.state_dict().values():
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    digests = [None] * world
+    dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) == 1:
+        run.log(f'weights identical across {world} ranks (sha256 {digests[0][:12]})')
+    else:
+        run.log(f'warning: the {world} ranks ended with different weights ({", ".join(d[:12] for d in digests)})')
 
 
 def train_loop(args, state, run, net, model, optimizer, loss_fn, autocast, sync_flag, sampler, train_images,
