@@ -500,12 +500,13 @@ def test_ctrl_c_saves_and_resume_equals_the_uninterrupted_run(full_run, data_dir
     assert_same_weights(os.path.join(out, 'last.pt'), os.path.join(full_run, 'last.pt'))
 
 
-def test_non_finite_step_leaves_weights_and_optimizer_untouched():
+@pytest.mark.parametrize('fused', [True, False])
+def test_non_finite_step_leaves_weights_and_optimizer_untouched(fused):
     import train
     from contextlib import nullcontext
     torch.manual_seed(0)
     model = RealNVP(img_size=4, num_scales=2, **TINY)
-    opt = torch.optim.Adam(get_param_groups(model, 5e-5), lr=1e-2, fused=True)
+    opt = torch.optim.Adam(get_param_groups(model, 5e-5), lr=1e-2, fused=fused)
     x = torch.rand(8, 1, 4, 4)
     loss, bad = train.train_step(model, opt, RealNVPLoss(), x, 100.0, nullcontext())
     assert bad.item() == 0 and torch.isfinite(loss)

@@ -140,10 +140,11 @@ def save_grid(images, path, nrow=None):
 
 
 def train_step(model, optimizer, loss_fn, x, max_grad_norm, autocast, sync_flag=None):
-    """One optimizer step with no host sync: a non-finite loss or gradient skips the update.
+    """One optimizer step: a non-finite loss or gradient skips the update.
 
-    The fused Adam reads `found_inf` and leaves weights and moments untouched when it is 1.
-    Returns (loss, bad) as 0-dim tensors on the device."""
+    A fused Adam (CUDA, CPU) reads `found_inf` on the device and leaves weights and moments untouched
+    when it is 1, so the step needs no host sync; any other optimizer asks the host. Returns (loss, bad)
+    as 0-dim tensors on the device."""
     with autocast:
         z, sldj = model(x, validate=False)
     loss = loss_fn(z.float(), sldj.float())
@@ -154,8 +155,11 @@ def train_step(model, optimizer, loss_fn, x, max_grad_norm, autocast, sync_flag=
     bad = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
     if sync_flag is not None:
         sync_flag(bad)  # under DDP every rank must skip the same steps
-    optimizer.found_inf = bad
-    optimizer.step()
+    if optimizer.defaults.get('fused'):
+        optimizer.found_inf = bad
+        optimizer.step()
+    elif not bad.item():
+        optimizer.step()
     return loss.detach(), bad
 
 
@@ -260,9 +264,10 @@ def main(argv=None):
         state.update({k: ckpt[k] for k in state})
     torch.manual_seed(args.seed + rank)  # dequantisation noise differs per rank
     if ckpt is not None:
-        torch.set_rng_state(ckpt['rng'][rank if rank < len(ckpt['rng']) else 0]['cpu'])
-        if device.type == 'cuda' and ckpt['rng'][0].get('cuda') is not None:
-            torch.cuda.set_rng_state(ckpt['rng'][rank if rank < len(ckpt['rng']) else 0]['cuda'], device)
+        rng = ckpt['rng'][min(rank, len(ckpt['rng']) - 1)]   # a run resumed on fewer processes takes rank 0's
+        torch.set_rng_state(rng['cpu'])
+        if device.type == 'cuda' and rng['cuda'] is not None:
+            torch.cuda.set_rng_state(rng['cuda'], device)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     net = model
@@ -275,7 +280,7 @@ def main(argv=None):
     sync_flag = (lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX)) if world > 1 else None
     fixed_z = torch.randn((64, *model.shape), generator=torch.Generator().manual_seed(args.seed)).to(device)
 
-    config = R.RealNVPConfig(**asdict(model.config))
+    config = model.config
     if ckpt is None:
         run.write_json('config.json', dict(args=vars(args), model=asdict(config), world_size=world))
         run.log(f'run folder {run.dir}; seed {args.seed}; device {device}; {world} process(es)')
