@@ -253,28 +253,31 @@ class _RealNVP(nn.Module):
             self.next_block = _RealNVP(scale_idx + 1, num_scales, 2 * in_channels, 2 * mid_channels, num_blocks)
 
     def forward(self, x, sldj, reverse=False):
-        if not reverse:
-            for coupling in self.in_couplings:
-                x, sldj = coupling(x, sldj)
-        if not self.is_last_block:
-            if not reverse:
-                x = squeeze_2x2(x)                                      # (B, 4C, H/2, W/2)
-                for coupling in self.out_couplings:
-                    x, sldj = coupling(x, sldj)
-                x = squeeze_2x2(x, reverse=True)                        # (B, C, H, W)
-            x = squeeze_2x2(x, alt_order=True)                          # (B, 4C, H/2, W/2)
-            x, x_split = x.chunk(2, dim=1)                              # keep 2C, factor out 2C
-            x, sldj = self.next_block(x, sldj, reverse)
-            x = squeeze_2x2(torch.cat((x, x_split), dim=1), reverse=True, alt_order=True)  # (B, C, H, W)
-            if reverse:
-                x = squeeze_2x2(x)
-                for coupling in reversed(self.out_couplings):
-                    x, sldj = coupling(x, sldj, reverse=True)
-                x = squeeze_2x2(x, reverse=True)
         if reverse:
+            if not self.is_last_block:
+                x, sldj = self._factor_out(x, sldj, reverse=True)
+                x, sldj = self._channel_couplings(x, sldj, reverse=True)
             for coupling in reversed(self.in_couplings):
                 x, sldj = coupling(x, sldj, reverse=True)
+        else:
+            for coupling in self.in_couplings:
+                x, sldj = coupling(x, sldj)
+            if not self.is_last_block:
+                x, sldj = self._channel_couplings(x, sldj)
+                x, sldj = self._factor_out(x, sldj)
         return x, sldj
+
+    def _channel_couplings(self, x, sldj, reverse=False):
+        x = squeeze_2x2(x)                                              # (B, 4C, H/2, W/2)
+        for coupling in (reversed(self.out_couplings) if reverse else self.out_couplings):
+            x, sldj = coupling(x, sldj, reverse)
+        return squeeze_2x2(x, reverse=True), sldj                       # (B, C, H, W)
+
+    def _factor_out(self, x, sldj, reverse=False):
+        x = squeeze_2x2(x, alt_order=True)                              # (B, 4C, H/2, W/2)
+        x, x_split = x.chunk(2, dim=1)                                  # go on with 2C channels, keep 2C as they are
+        x, sldj = self.next_block(x, sldj, reverse)
+        return squeeze_2x2(torch.cat((x, x_split), dim=1), reverse=True, alt_order=True), sldj  # (B, C, H, W)
 
 
 class RealNVP(nn.Module):
