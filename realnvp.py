@@ -421,6 +421,11 @@ def read_idx(path):
     return array.reshape(tuple(dims)).copy()  # writable, independent of the file buffer
 
 
+def _last_line(error):
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__
+
+
 def _find(raw_dir, name):
     for candidate in (name, name + '.gz'):
         path = os.path.join(raw_dir, candidate)
@@ -439,10 +444,9 @@ def load_mnist(data_dir, train=True, download=True):
             import torchvision
             torchvision.datasets.MNIST(data_dir, train=train, download=True)
         except Exception as e:  # offline, or a mirror failed: say what is needed instead of the traceback
-            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise DataNotFoundError(
                 f'MNIST not found: need {" and ".join(names)} in {raw_dir}/ (point --data-dir at the folder '
-                f'holding MNIST/raw/); downloading failed: {reason}') from None
+                f'holding MNIST/raw/); downloading failed: {_last_line(e)}') from None
         paths = [_find(raw_dir, n) for n in names]
     if None in paths:
         raise DataNotFoundError(f'MNIST not found: need {" and ".join(names)} in {raw_dir}/ '
@@ -466,7 +470,7 @@ def load_cifar10(data_dir, train=True, download=True):
             ds = torchvision.datasets.CIFAR10(data_dir, train=train, download=True)
         except Exception as e:
             raise DataNotFoundError(f'CIFAR-10 not found in {data_dir}/cifar-10-batches-py/ (point --data-dir '
-                                    f'at the folder holding it); downloading failed: {e}') from None
+                                    f'at the folder holding it); downloading failed: {_last_line(e)}') from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
     return images, torch.tensor(ds.targets, dtype=torch.int64)
 

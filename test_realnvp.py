@@ -3,8 +3,13 @@
 Everything runs offline on tiny inputs that the tests make themselves.
 """
 import gzip
+import json
 import math
 import os
+import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -375,6 +380,22 @@ def test_missing_mnist_offline_names_the_files_and_the_flag(tmp_path, monkeypatc
     assert 'Name or service not known' in message
 
 
+def test_missing_cifar10_names_the_folder_and_the_flag(tmp_path, monkeypatch):
+    import torchvision
+    with pytest.raises(DataNotFoundError, match='CIFAR-10 not found in .*cifar-10-batches-py.*--data-dir'):
+        ImageDataset('cifar10', str(tmp_path), img_size=32, download=False)
+    real = torchvision.datasets.CIFAR10
+
+    def offline(root, train=True, download=False):
+        if download:
+            raise RuntimeError('<urlopen error [Errno -2] Name or service not known>')
+        return real(root, train=train, download=False)
+
+    monkeypatch.setattr(torchvision.datasets, 'CIFAR10', offline)
+    with pytest.raises(DataNotFoundError, match='downloading failed: .*Name or service not known'):
+        ImageDataset('cifar10', str(tmp_path), img_size=32)
+
+
 def test_corrupt_idx_file_is_reported(tmp_path):
     root = make_mnist(str(tmp_path), n=4)
     path = os.path.join(root, 'MNIST', 'raw', 'train-images-idx3-ubyte')
@@ -396,10 +417,6 @@ def test_config_round_trips_through_plain_types():
 
 # -----------------------------------------------------------------------------
 # the scripts, end to end in subprocesses, on a tiny IDX data folder
-
-import signal
-import subprocess
-import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_RUN = ['--image-size', '8', '--mid-channels', '4', '--num-blocks', '1', '--batch-size', '16',
@@ -456,7 +473,6 @@ def test_train_writes_checkpoints_metrics_plot_and_grid(full_run):
     log = open(os.path.join(full_run, 'train.log')).read()
     assert 'seed 0' in log and 'epoch 2: train bpd' in log
     with open(os.path.join(full_run, 'config.json')) as f:
-        import json
         assert json.load(f)['model']['mid_channels'] == 4
 
 
@@ -530,7 +546,6 @@ def test_non_finite_step_leaves_weights_and_optimizer_untouched(fused):
 
 def test_persistent_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(full_run, data_dir, tmp_path,
                                                                                   monkeypatch, capsys):
-    import shutil
     import train
     out = str(tmp_path / 'nan')
     shutil.copytree(full_run, out)
@@ -567,7 +582,6 @@ def test_interpolation_ends_decode_to_the_inputs_exactly(full_run, data_dir):
 
 
 def test_evaluate_prints_the_directly_computed_bpd(full_run, data_dir):
-    import json
     result = script('evaluate.py', '--ckpt', os.path.join(full_run, 'best.pt'), '--data-dir', data_dir, '--json',
                     '--seed', 3)
     assert result.returncode == 0, result.stderr
@@ -712,7 +726,6 @@ def test_torchrun_two_processes_agree_and_write_a_usable_checkpoint(data_dir, tm
     assert ckpt['step'] == 7   # 100 images, 2 ranks x 8 = 16 a step
     evaluated = script('evaluate.py', '--ckpt', os.path.join(out, 'best.pt'), '--data-dir', data_dir, '--json')
     assert evaluated.returncode == 0, evaluated.stderr
-    import json
     # the same model on the same test images; only the dequantisation draws differ (Monte Carlo noise)
     assert abs(json.loads(evaluated.stdout)['bpd'] - ckpt['best_bpd']) < 0.05
     sampled = script('sample.py', '--ckpt', os.path.join(out, 'best.pt'), '--n', 4, '--out', tmp_path / 's.png')
@@ -756,7 +769,6 @@ def test_bench_reports_consistent_figures():
     result = script('bench.py', '--image-size', 8, '--mid-channels', 4, '--num-blocks', 1, '--batch-size', 8,
                     '--steps', 2, '--warmup', 1, '--num-threads', 1, '--device', 'cpu', '--json')
     assert result.returncode == 0, result.stderr
-    import json
     import bench
     r = json.loads(result.stdout)
     params, forward, step = bench.count_flops(RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1))
