@@ -627,6 +627,7 @@ def test_bad_input_gives_one_clear_line(full_run, data_dir, tmp_path):
     empty.mkdir()
     assert_one_line_error(script('train.py', '--data-dir', empty, '--out-dir', tmp_path / 'new', *TINY_RUN), 1,
                           'MNIST not found', 'train-images-idx3-ubyte', '--data-dir')
+    assert not os.path.exists(tmp_path / 'new')   # a failed start leaves no empty run folder behind
     before = {n: open(os.path.join(full_run, n), 'rb').read() for n in ('last.pt', 'best.pt', 'metrics.csv')}
     assert_one_line_error(script('train.py', '--data-dir', data_dir, '--out-dir', full_run, *TINY_RUN), 2,
                           'already holds', '--resume')

@@ -240,14 +240,14 @@ def main(argv=None):
         holder = [args.out_dir]
         dist.broadcast_object_list(holder, src=0)
         args.out_dir = holder[0]
-    run = Run(args.out_dir, active=rank == 0)
-
     # Data: the whole split as uint8 on the device; batches are drawn there.
     try:
         train_set = R.ImageDataset(args.dataset, args.data_dir, train=True, img_size=args.image_size, digits=args.digits)
         test_set = R.ImageDataset(args.dataset, args.data_dir, train=False, img_size=args.image_size, digits=args.digits)
     except (R.DataNotFoundError, ValueError) as e:
         R.die('train.py', e)
+    run = Run(args.out_dir, active=rank == 0)
+
     train_images = train_set.images.to(device)
     test_images = test_set.images[rank::world].to(device)
 
