@@ -139,7 +139,7 @@ def benchmark(args):
     torch.manual_seed(0)
     model = R.RealNVP.from_config(config).to(device)
     net = torch.compile(model) if args.compile else model
-    optimizer = torch.optim.Adam(R.get_param_groups(model, 5e-5), lr=1e-3, fused=device.type in ('cuda', 'cpu'))
+    optimizer = R.make_optimizer(model, 1e-3, 5e-5, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
     images = torch.randint(0, 256, (args.batch_size, *model.shape), dtype=torch.uint8, device=device)
     loss_fn = R.RealNVPLoss()

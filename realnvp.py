@@ -394,6 +394,11 @@ def get_param_groups(model, weight_decay):
             {'name': 'others', 'params': others, 'weight_decay': 0.0}]
 
 
+def make_optimizer(model, lr, weight_decay, device):
+    """Adam over `get_param_groups`, fused where PyTorch has a fused kernel (CUDA, CPU)."""
+    return torch.optim.Adam(get_param_groups(model, weight_decay), lr=lr, fused=torch.device(device).type in ('cuda', 'cpu'))
+
+
 # -----------------------------------------------------------------------------
 # 6. Data: MNIST (IDX files in torchvision's layout) and CIFAR-10, as uint8 tensors in memory
 

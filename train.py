@@ -255,8 +255,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model = R.RealNVP(in_channels=train_images.shape[1], img_size=args.image_size, num_scales=args.num_scales,
                       mid_channels=args.mid_channels, num_blocks=args.num_blocks).to(device)
-    fused = device.type in ('cuda', 'cpu')
-    optimizer = torch.optim.Adam(R.get_param_groups(model, args.weight_decay), lr=args.lr, fused=fused)
+    optimizer = R.make_optimizer(model, args.lr, args.weight_decay, device)
     state = dict(epoch=0, step=0, best_bpd=float('inf'), skipped=0, epoch_loss=0.0, epoch_count=0)
     if ckpt is not None:
         model.load_state_dict(ckpt['model'])
