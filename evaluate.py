@@ -46,9 +46,7 @@ def main(argv=None):
         device = R.pick_device(args.device)
         ckpt_path = args.ckpt or R.find_checkpoint(args.runs_dir)
         model, ckpt = R.load_checkpoint(ckpt_path, device)
-        saved = ckpt.get('args', {})
-        data = R.ImageDataset(saved.get('dataset', 'mnist'), args.data_dir or saved.get('data_dir', './data'),
-                              train=args.split == 'train', img_size=model.config.img_size, digits=saved.get('digits'))
+        data = R.checkpoint_dataset(ckpt, train=args.split == 'train', data_dir=args.data_dir)
     except (ValueError, R.DataNotFoundError) as e:
         R.die('evaluate.py', e)
     if data.images.shape[1] != model.config.in_channels:

@@ -339,17 +339,21 @@ class RealNVP(nn.Module):
         return ((torch.sigmoid(y) - (1.0 - c) / 2.0) / c).clamp(0.0, 1.0)
 
     @torch.no_grad()
-    def sample(self, n, temperature=1.0, generator=None):
-        """n images in [0, 1], shape (n, C, H, W), from z ~ N(0, temperature^2 I), in eval mode."""
-        param = next(self.parameters())
-        z = torch.randn((n, *self.shape), generator=generator, dtype=param.dtype, device=param.device)
+    def decode(self, z):
+        """Latents (n, C, H, W) -> images in [0, 1], in eval mode; the model's mode is restored."""
         was_training = self.training
         self.eval()
         try:
-            y, _ = self(temperature * z, reverse=True)
+            y, _ = self(z, reverse=True)
         finally:
             self.train(was_training)
         return self.postprocess(y)
+
+    def sample(self, n, temperature=1.0, generator=None):
+        """n images in [0, 1], shape (n, C, H, W), from z ~ N(0, temperature^2 I)."""
+        param = next(self.parameters())
+        z = torch.randn((n, *self.shape), generator=generator, dtype=param.dtype, device=param.device)
+        return self.decode(temperature * z)
 
 
 # -----------------------------------------------------------------------------
@@ -426,9 +430,10 @@ def read_idx(path):
     return array.reshape(tuple(dims)).copy()  # writable, independent of the file buffer
 
 
-def _last_line(error):
+def _one_line(error, index=-1):
+    """One line of an exception's message (the last by default), for one-line error reports."""
     text = str(error).strip()
-    return text.splitlines()[-1] if text else type(error).__name__
+    return text.splitlines()[index] if text else type(error).__name__
 
 
 def _find(raw_dir, name):
@@ -451,7 +456,7 @@ def load_mnist(data_dir, train=True, download=True):
         except Exception as e:  # offline, or a mirror failed: say what is needed instead of the traceback
             raise DataNotFoundError(
                 f'MNIST not found: need {" and ".join(names)} in {raw_dir}/ (point --data-dir at the folder '
-                f'holding MNIST/raw/); downloading failed: {_last_line(e)}') from None
+                f'holding MNIST/raw/); downloading failed: {_one_line(e)}') from None
         paths = [_find(raw_dir, n) for n in names]
     if None in paths:
         raise DataNotFoundError(f'MNIST not found: need {" and ".join(names)} in {raw_dir}/ '
@@ -475,7 +480,7 @@ def load_cifar10(data_dir, train=True, download=True):
             ds = torchvision.datasets.CIFAR10(data_dir, train=train, download=True)
         except Exception as e:
             raise DataNotFoundError(f'CIFAR-10 not found in {data_dir}/cifar-10-batches-py/ (point --data-dir '
-                                    f'at the folder holding it); downloading failed: {_last_line(e)}') from None
+                                    f'at the folder holding it); downloading failed: {_one_line(e)}') from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
     return images, torch.tensor(ds.targets, dtype=torch.int64)
 
@@ -571,17 +576,23 @@ def load_checkpoint(path, device='cpu'):
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f'checkpoint {path} cannot be read ({first}); it may be truncated or not from train.py') from None
+        raise CheckpointError(f'checkpoint {path} cannot be read ({_one_line(e, 0)}); it may be truncated or not '
+                              f'from train.py') from None
     if not isinstance(ckpt, dict) or 'config' not in ckpt or 'model' not in ckpt:
         raise CheckpointError(f'{path} is not a train.py checkpoint (no model config and weights inside)')
     try:
         model = RealNVP.from_config(ckpt['config'])
         model.load_state_dict(ckpt['model'])
     except (TypeError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f'the weights in {path} do not fit its config: {first}') from None
+        raise CheckpointError(f'the weights in {path} do not fit its config: {_one_line(e, 0)}') from None
     return model.to(device).eval(), ckpt
+
+
+def checkpoint_dataset(ckpt, train=False, data_dir=None):
+    """The data set a checkpoint's run trained on (its name, digits and image size), from `data_dir` or the run's."""
+    saved = ckpt.get('args', {})
+    return ImageDataset(saved.get('dataset', 'mnist'), data_dir or saved.get('data_dir', './data'), train=train,
+                        img_size=ckpt['config']['img_size'], digits=saved.get('digits'))
 
 
 def find_checkpoint(runs_dir='runs'):
@@ -592,11 +603,11 @@ def find_checkpoint(runs_dir='runs'):
             for name in ('best.pt', 'last.pt'):
                 path = os.path.join(runs_dir, run, name)
                 if os.path.isfile(path):
-                    candidates.append((os.path.getmtime(os.path.join(runs_dir, run)), name == 'best.pt', path))
+                    candidates.append((os.path.getmtime(os.path.join(runs_dir, run)), path))
                     break
     if not candidates:
         raise CheckpointError(f'no checkpoint found under {runs_dir}/; train one with train.py or pass --ckpt PATH')
-    return max(candidates)[2]
+    return max(candidates)[1]
 
 
 # -----------------------------------------------------------------------------

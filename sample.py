@@ -42,8 +42,7 @@ def interpolate(model, x_a, x_b, steps):
     z_b, _ = model(x_b, noise=half)
     alphas = torch.linspace(0, 1, steps, dtype=z_a.dtype, device=z_a.device).view(1, steps, 1, 1, 1)
     z = (1 - alphas) * z_a.unsqueeze(1) + alphas * z_b.unsqueeze(1)   # (B, steps, C, H, W)
-    y, _ = model(z.flatten(0, 1), reverse=True)
-    return to_8bit(model.postprocess(y))
+    return to_8bit(model.decode(z.flatten(0, 1)))
 
 
 def to_8bit(v):
@@ -63,10 +62,8 @@ def main(argv=None):
     from train import save_grid
     torch.manual_seed(args.seed)
     if args.interpolate:
-        saved = ckpt.get('args', {})
         try:
-            data = R.ImageDataset(saved.get('dataset', 'mnist'), args.data_dir or saved.get('data_dir', './data'),
-                                  train=False, img_size=model.config.img_size, digits=saved.get('digits'))
+            data = R.checkpoint_dataset(ckpt, train=False, data_dir=args.data_dir)
         except (R.DataNotFoundError, ValueError) as e:
             R.die('sample.py', e)
         if len(data) < 2 * args.pairs:

@@ -439,10 +439,7 @@ def train_loop(args, state, run, net, model, optimizer, loss_fn, autocast, sync_
         run.log(f'epoch {epoch + 1}: train bpd {train_bpd:.4f}, test bpd {bpd:.4f}{" (best)" if is_best else ""}, '
                 f'{epoch_time:.0f}s, {seen / epoch_time:.1f} images/s, {state["skipped"]} skipped steps')
         if rank == 0 and (epoch == 0 or (epoch + 1) % args.sample_every == 0):
-            model.eval()
-            with torch.no_grad():
-                y, _ = model(fixed_z, reverse=True)
-            save_grid(model.postprocess(y).cpu(), run.path(f'samples_epoch{epoch + 1:03d}.png'))
+            save_grid(model.decode(fixed_z).cpu(), run.path(f'samples_epoch{epoch + 1:03d}.png'))
     run.log(f'done: step {state["step"]}, best test bpd {state["best_bpd"]:.4f}; checkpoints in {run.dir}')
     return 0
 
