@@ -26,11 +26,8 @@ from train import train_step
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a('--image-size', type=R.positive_int, default=14, help='image side (default 14)')
+    R.add_model_args(p)
     a('--in-channels', type=R.positive_int, default=1, help='image channels (default 1)')
-    a('--num-scales', type=R.positive_int, default=2, help='scales (default 2)')
-    a('--mid-channels', type=R.positive_int, default=64, help='s/t channels at the first scale (default 64)')
-    a('--num-blocks', type=R.positive_int, default=8, help='residual blocks per s/t net (default 8)')
     a('--batch-size', type=R.positive_int, default=128, help='images per step (default 128)')
     a('--steps', type=R.positive_int, default=5, help='timed training steps (default 5)')
     a('--warmup', type=R.non_negative_int, default=2, help='untimed steps first (default 2)')
@@ -50,7 +47,7 @@ def count_flops(config, batch_size=1):
     """(parameters, forward FLOPs per image, training-step FLOPs per image) of a RealNVPConfig.
 
     Counts convolutions and matmuls (torch.utils.flop_counter); element-wise ops and batch norm are not counted."""
-    model = R.RealNVP.from_config(config)
+    model = R.RealNVP(config)
     x = torch.rand(batch_size, config.in_channels, config.img_size, config.img_size)
     loss_fn = R.RealNVPLoss()
     with FlopCounterMode(display=False) as counter:
@@ -125,19 +122,15 @@ def matmul_flops_per_s(device, dtype, n=2048, repeats=5):
     return 2 * n ** 3 / timed(lambda: a @ b, device, repeats)
 
 
-def benchmark(args):
-    device = R.pick_device(args.device)
-    config = R.RealNVPConfig(args.in_channels, args.image_size, args.num_scales, args.mid_channels, args.num_blocks)
-    config.validate()
-    params, flops_forward, flops_step = count_flops(config)
-    result = dict(config=vars(args) | {'device': str(device), 'threads': torch.get_num_threads()},
-                  parameters=params, gflop_forward_per_image=flops_forward / 1e9,
-                  gflop_train_step_per_image=flops_step / 1e9)
-    if args.flops_only:
-        return result
+def measure_flops(config):
+    params, forward, step = count_flops(config)
+    return dict(parameters=params, gflop_forward_per_image=forward / 1e9, gflop_train_step_per_image=step / 1e9)
 
+
+def measure_training(args, config, device):
+    """Training, sampling and evaluation throughput of this project's model, and the peak memory."""
     torch.manual_seed(0)
-    model = R.RealNVP.from_config(config).to(device)
+    model = R.RealNVP(config).to(device)
     net = torch.compile(model) if args.compile else model
     optimizer = R.make_optimizer(model, 1e-3, 5e-5, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
@@ -159,28 +152,77 @@ def benchmark(args):
         eval_s = timed(lambda: R.nll_per_image(model, images, batch_size=args.batch_size), device,
                        max(2, args.steps // 2))
     if device.type == 'cuda':
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        peak_mb, kind = torch.cuda.max_memory_allocated(device) / 2 ** 20, 'cuda allocated'
     else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # whole process, Linux KiB
-    matmul_fp32 = matmul_flops_per_s(device, torch.float32)
-    achieved = flops_step * args.batch_size / train_s
-    result.update(train_images_per_s=args.batch_size / train_s, train_step_s=train_s,
-                  sample_images_per_s=args.batch_size / sample_s, eval_images_per_s=args.batch_size / eval_s,
-                  peak_memory_mb=peak_mb, peak_memory_kind='cuda allocated' if device.type == 'cuda' else 'process RSS',
-                  achieved_gflop_per_s=achieved / 1e9, matmul_fp32_gflop_per_s=matmul_fp32 / 1e9,
-                  ratio_to_fp32_matmul=achieved / matmul_fp32)
+        peak_mb, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'process RSS'  # Linux KiB
+    return dict(train_images_per_s=args.batch_size / train_s, train_step_s=train_s,
+                sample_images_per_s=args.batch_size / sample_s, eval_images_per_s=args.batch_size / eval_s,
+                peak_memory_mb=peak_mb, peak_memory_kind=kind)
+
+
+def measure_ceiling(args, device, achieved):
+    """The matmul FLOP/s of this device in the same run, and the training step's share of it."""
+    result = dict(matmul_fp32_gflop_per_s=matmul_flops_per_s(device, torch.float32) / 1e9)
+    result['ratio_to_fp32_matmul'] = achieved / result['matmul_fp32_gflop_per_s']
     if args.amp:
-        matmul_bf16 = matmul_flops_per_s(device, torch.bfloat16)
-        result.update(matmul_bf16_gflop_per_s=matmul_bf16 / 1e9, ratio_to_bf16_matmul=achieved / matmul_bf16)
-    if args.lecture:
-        del model, net, optimizer
-        lecture_step = lecture_train_step(args.lecture, config, args.batch_size, device)
-        for _ in range(args.warmup):
-            lecture_step()
-        lecture_s = timed(lecture_step, device, args.steps)
-        result.update(lecture_train_images_per_s=args.batch_size / lecture_s,
-                      speedup_over_lecture=lecture_s / train_s)
+        result['matmul_bf16_gflop_per_s'] = matmul_flops_per_s(device, torch.bfloat16) / 1e9
+        result['ratio_to_bf16_matmul'] = achieved / result['matmul_bf16_gflop_per_s']
     return result
+
+
+def measure_lecture(args, config, device, train_step_s):
+    """The lecture code's training step on the same config, device and batch size."""
+    lecture_step = lecture_train_step(args.lecture, config, args.batch_size, device)
+    for _ in range(args.warmup):
+        lecture_step()
+    lecture_s = timed(lecture_step, device, args.steps)
+    return dict(lecture_train_images_per_s=args.batch_size / lecture_s, speedup_over_lecture=lecture_s / train_step_s)
+
+
+def benchmark(args):
+    device = R.pick_device(args.device)
+    config = R.config_from_args(args)
+    result = dict(config=vars(args) | {'device': str(device), 'threads': torch.get_num_threads()},
+                  **measure_flops(config))
+    if args.flops_only:
+        return result
+    result.update(measure_training(args, config, device))
+    result['achieved_gflop_per_s'] = result['gflop_train_step_per_image'] * result['train_images_per_s']
+    result.update(measure_ceiling(args, device, result['achieved_gflop_per_s']))
+    if args.lecture:
+        result.update(measure_lecture(args, config, device, result['train_step_s']))
+    return result
+
+
+# The printed table: (key of the result, label, format); rows whose key is missing are left out.
+TABLE = [
+    ('parameters', 'parameters', '{:,}'),
+    ('gflop_forward_per_image', 'GFLOP per image, forward', '{:.3f}'),
+    ('gflop_train_step_per_image', 'GFLOP per image, training step', '{:.3f}'),
+    ('train_images_per_s', 'training images/s (median)', '{:.1f}'),
+    ('sample_images_per_s', 'sampling images/s', '{:.1f}'),
+    ('eval_images_per_s', 'evaluation images/s', '{:.1f}'),
+    ('peak_memory_mb', 'peak memory, MiB', '{:.0f}'),
+    ('peak_memory_kind', 'measured as', '{}'),
+    ('achieved_gflop_per_s', 'achieved GFLOP/s in training', '{:.1f}'),
+    ('matmul_fp32_gflop_per_s', 'fp32 matmul GFLOP/s (2048^2, same run)', '{:.1f}'),
+    ('ratio_to_fp32_matmul', 'achieved / fp32 matmul', '{:.2f}'),
+    ('matmul_bf16_gflop_per_s', 'bf16 matmul GFLOP/s (same run)', '{:.1f}'),
+    ('ratio_to_bf16_matmul', 'achieved / bf16 matmul', '{:.2f}'),
+    ('lecture_train_images_per_s', 'lecture code: training images/s', '{:.1f}'),
+    ('speedup_over_lecture', 'speed-up over the lecture code', '{:.2f}x'),
+]
+
+
+def print_table(result):
+    c = result['config']
+    print(f'RealNVP {c["in_channels"]}x{c["image_size"]}x{c["image_size"]}, {c["num_scales"]} scales, '
+          f'{c["mid_channels"]} mid channels, {c["num_blocks"]} blocks, batch {c["batch_size"]} on {c["device"]} '
+          f'({c["threads"]} threads{", bf16 autocast" if c["amp"] else ""}{", compiled" if c["compile"] else ""})')
+    rows = [(label, fmt.format(result[key])) for key, label, fmt in TABLE if key in result]
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f'  {label:<{width}}  {value:>12}')
 
 
 def main(argv=None):
@@ -194,31 +236,8 @@ def main(argv=None):
         parser.error(str(e))
     if args.json:
         print(json.dumps(result))
-        return 0
-    c = result['config']
-    print(f'RealNVP {c["in_channels"]}x{c["image_size"]}x{c["image_size"]}, {c["num_scales"]} scales, '
-          f'{c["mid_channels"]} mid channels, {c["num_blocks"]} blocks, batch {c["batch_size"]} on {c["device"]} '
-          f'({c["threads"]} threads{", bf16 autocast" if c["amp"] else ""}{", compiled" if c["compile"] else ""})')
-    rows = [('parameters', f'{result["parameters"]:,}'),
-            ('GFLOP per image, forward', f'{result["gflop_forward_per_image"]:.3f}'),
-            ('GFLOP per image, training step', f'{result["gflop_train_step_per_image"]:.3f}')]
-    if not args.flops_only:
-        rows += [('training images/s (median)', f'{result["train_images_per_s"]:.1f}'),
-                 ('sampling images/s', f'{result["sample_images_per_s"]:.1f}'),
-                 ('evaluation images/s', f'{result["eval_images_per_s"]:.1f}'),
-                 (f'peak memory, MiB ({result["peak_memory_kind"]})', f'{result["peak_memory_mb"]:.0f}'),
-                 ('achieved GFLOP/s in training', f'{result["achieved_gflop_per_s"]:.1f}'),
-                 ('fp32 matmul GFLOP/s (2048^2, same run)', f'{result["matmul_fp32_gflop_per_s"]:.1f}'),
-                 ('achieved / fp32 matmul', f'{result["ratio_to_fp32_matmul"]:.2f}')]
-        if args.amp:
-            rows += [('bf16 matmul GFLOP/s (same run)', f'{result["matmul_bf16_gflop_per_s"]:.1f}'),
-                     ('achieved / bf16 matmul', f'{result["ratio_to_bf16_matmul"]:.2f}')]
-        if args.lecture:
-            rows += [('lecture code: training images/s', f'{result["lecture_train_images_per_s"]:.1f}'),
-                     ('speed-up over the lecture code', f'{result["speedup_over_lecture"]:.2f}x')]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f'  {key:<{width}}  {value:>12}')
+    else:
+        print_table(result)
     return 0
 
 

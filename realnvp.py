@@ -9,6 +9,8 @@ order of the lecture notebook (Lecture 8: Normalizing Flows):
     4. multi-scale model         RealNVPConfig, _RealNVP, RealNVP
     5. loss and metrics          RealNVPLoss, bits_per_dim, get_param_groups
     6. data                      ImageDataset (MNIST, CIFAR-10), DataNotFoundError
+    7. shared by the scripts     nll_per_image, save_grid, pick_device, checkpoints
+    8. command-line helpers      argparse types, add_model_args, config_from_args, die
 
 Direction convention, everywhere: `reverse=False` maps data -> latent and adds
 log|det J| to `sldj`; `reverse=True` maps latent -> data and leaves `sldj` alone.
@@ -18,7 +20,7 @@ import gzip
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import IntEnum
 
 import numpy as np
@@ -211,6 +213,9 @@ class CouplingLayer(nn.Module):
 
 @dataclass
 class RealNVPConfig:
+    """The architecture: everything needed to rebuild a model, as plain types (it travels in checkpoints).
+
+    Validates itself when built: a size the squeezes cannot take is a one-line ValueError."""
     in_channels: int = 1
     img_size: int = 14
     num_scales: int = 2
@@ -218,8 +223,7 @@ class RealNVPConfig:
     num_blocks: int = 8
     data_constraint: float = 0.9
 
-    def validate(self):
-        """Raise ValueError with one line when the architecture cannot take this config."""
+    def __post_init__(self):
         for name in ('in_channels', 'img_size', 'num_scales', 'mid_channels', 'num_blocks'):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -228,7 +232,7 @@ class RealNVPConfig:
             raise ValueError(f'data_constraint must lie in (0, 1), got {self.data_constraint!r}')
         factor = 2 ** (self.num_scales - 1)
         if self.img_size % factor != 0 or self.img_size // factor < 2:
-            sizes = ', '.join(str(factor * k) for k in range(1, 6))
+            sizes = ', '.join(str(factor * k) for k in range(2, 7))
             raise ValueError(f'image size {self.img_size} does not fit {self.num_scales} scales: every squeeze '
                              f'halves it, so it must be a multiple of {factor} and at least {2 * factor} '
                              f'(e.g. {sizes}, ...)')
@@ -287,17 +291,15 @@ class RealNVP(nn.Module):
     halves sit in place, in the alternate-order squeeze layout of each scale.
     """
 
-    def __init__(self, in_channels=1, img_size=14, num_scales=2, mid_channels=64, num_blocks=8,
-                 data_constraint=0.9):
+    def __init__(self, config=None, **kwargs):
+        """`RealNVP(RealNVPConfig(...))`, or the same settings as keywords: `RealNVP(in_channels=1, img_size=14)`."""
         super().__init__()
-        self.config = RealNVPConfig(in_channels, img_size, num_scales, mid_channels, num_blocks, data_constraint)
-        self.config.validate()
-        self.flows = _RealNVP(0, num_scales, in_channels, mid_channels, num_blocks)
+        if config is not None and kwargs:
+            raise TypeError('pass a RealNVPConfig or keyword settings, not both')
+        self.config = RealNVPConfig(**kwargs) if config is None else config
+        c = self.config
+        self.flows = _RealNVP(0, c.num_scales, c.in_channels, c.mid_channels, c.num_blocks)
         self.to(memory_format=torch.channels_last)  # convolution weights in NHWC, like their inputs
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**(asdict(config) if isinstance(config, RealNVPConfig) else config))
 
     @property
     def shape(self):
@@ -408,7 +410,8 @@ def make_optimizer(model, lr, weight_decay, device):
 
 MNIST_FILES = {True: ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
                False: ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
-DATASETS = ('mnist', 'cifar10')
+DATASET_CHANNELS = {'mnist': 1, 'cifar10': 3}
+DATASETS = tuple(DATASET_CHANNELS)
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -539,6 +542,12 @@ def nll_per_image(model, images, batch_size=512, dequant_samples=1):
     return torch.cat(out)
 
 
+def save_grid(images, path, nrow=None):
+    """Images (n, C, H, W) in [0, 1] as one PNG grid, `nrow` to a row (default: as square as it gets)."""
+    from torchvision.utils import save_image
+    save_image(images, path, nrow=nrow or math.ceil(math.sqrt(len(images))), padding=1, pad_value=1.0)
+
+
 def pick_device(name=None):
     """torch.device for `name`, or the best there is: CUDA, then MPS, then CPU."""
     if name is None:
@@ -581,7 +590,7 @@ def load_checkpoint(path, device='cpu'):
     if not isinstance(ckpt, dict) or 'config' not in ckpt or 'model' not in ckpt:
         raise CheckpointError(f'{path} is not a train.py checkpoint (no model config and weights inside)')
     try:
-        model = RealNVP.from_config(ckpt['config'])
+        model = RealNVP(RealNVPConfig(**ckpt['config']))
         model.load_state_dict(ckpt['model'])
     except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f'the weights in {path} do not fit its config: {_one_line(e, 0)}') from None
@@ -644,3 +653,20 @@ def die(prog, error, code=1):
     """Print `prog: error: <one line>` to stderr and exit with `code`."""
     print(f'{prog}: error: {error}', file=sys.stderr)
     sys.exit(code)
+
+
+def add_model_args(parser):
+    """The architecture's flags, shared by train.py and bench.py; `config_from_args` reads them back."""
+    a = parser.add_argument
+    a('--num-scales', type=positive_int, default=2, help='scales of the multi-scale architecture (default 2)')
+    a('--mid-channels', type=positive_int, default=64, help='channels of the first scale\'s s/t ResNets (default 64)')
+    a('--num-blocks', type=positive_int, default=8, help='residual blocks per s/t ResNet (default 8)')
+    a('--image-size', type=positive_int, default=14,
+      help='images are resized to this; must be a multiple of 2^(num_scales-1) (default 14)')
+
+
+def config_from_args(args):
+    """The RealNVPConfig of parsed flags: `add_model_args`'s, and the channels of --dataset (or --in-channels)."""
+    in_channels = getattr(args, 'in_channels', None) or DATASET_CHANNELS[getattr(args, 'dataset', 'mnist')]
+    return RealNVPConfig(in_channels=in_channels, img_size=args.image_size, num_scales=args.num_scales,
+                         mid_channels=args.mid_channels, num_blocks=args.num_blocks)

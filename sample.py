@@ -59,7 +59,6 @@ def main(argv=None):
         model, ckpt = R.load_checkpoint(ckpt_path, device)
     except ValueError as e:
         R.die('sample.py', e)
-    from train import save_grid
     torch.manual_seed(args.seed)
     if args.interpolate:
         try:
@@ -80,7 +79,7 @@ def main(argv=None):
         default_name = f'samples_n{args.n}_t{args.temperature:g}_s{args.seed}.png'
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), default_name)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_grid(images.cpu(), out, nrow=nrow)
+    R.save_grid(images.cpu(), out, nrow=nrow)
     print(f'wrote {out} ({len(images)} images from {ckpt_path})')
     return 0
 

@@ -1,8 +1,7 @@
-"""Tests for realnvp.py: the math in float64 against brute force, shapes, errors and the data loader.
-
-Everything runs offline on tiny inputs that the tests make themselves.
+"""Tests, in realnvp.py's order and then the scripts': the math in float64 against brute force, shapes,
+errors, the data loader, and the scripts end to end. Everything runs offline on tiny inputs that the tests make
+themselves (conftest.py). Tests marked `slow` start subprocesses: `python -m pytest -q -m "not slow"` skips them.
 """
-import gzip
 import json
 import math
 import os
@@ -10,56 +9,22 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
-from torch.autograd.functional import jacobian
 
 import realnvp
+from conftest import (HERE, NOTEBOOK, OFFLINE, TINY, TINY_RUN, assert_one_line_error, assert_same_weights, load,
+                      logdet, make_mnist, perturb_and_settle, script, tiny_model)
 from realnvp import (CouplingLayer, DataNotFoundError, ImageDataset, MaskType, RealNVP, RealNVPConfig,
                      RealNVPLoss, WNConv2d, bits_per_dim, checkerboard_mask, get_param_groups, read_idx,
                      squeeze_2x2)
 
-TINY = dict(mid_channels=4, num_blocks=1)
-
-
-def perturb_and_settle(model, shape, seed=0, steps=3):
-    """Move the weights off their initial values and the batch-norm statistics off their defaults."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-        model.train()
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.momentum = 0.5
-        for _ in range(steps):
-            x = torch.rand((8, *shape), generator=g, dtype=torch.float64)
-            model(x) if isinstance(model, RealNVP) else model(x, torch.zeros(8, dtype=torch.float64))
-    model.eval()
-    moved = [m.running_var for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert all((v - 1).abs().max() > 1e-3 for v in moved), 'batch-norm statistics did not move'
-    return model
-
-
-def tiny_model(channels, size, scales, seed=0):
-    torch.manual_seed(seed)
-    model = RealNVP(in_channels=channels, img_size=size, num_scales=scales, **TINY).double()
-    return perturb_and_settle(model, (channels, size, size), seed)
-
-
-def logdet(f, x):
-    """log|det df/dx| by brute force: the full Jacobian of f at one example x of shape (1, ...)."""
-    D = x.numel()
-    J = jacobian(f, x).reshape(D, D)
-    sign, value = torch.linalg.slogdet(J)
-    assert sign != 0, 'singular Jacobian'
-    return value
-
 
 # -----------------------------------------------------------------------------
-# squeeze and masks
+# 1. squeeze and masks
 
 
 @pytest.mark.parametrize('alt_order', [False, True])
@@ -108,7 +73,7 @@ def test_checkerboard_masks_are_complementary():
 
 
 # -----------------------------------------------------------------------------
-# coupling layers: inverse and log-determinant
+# 2-3. s/t networks and coupling layers: inverse and log-determinant
 
 
 COUPLINGS = [(MaskType.CHECKERBOARD, False, 2), (MaskType.CHECKERBOARD, True, 3),
@@ -137,7 +102,7 @@ def test_coupling_logdet_matches_brute_force_jacobian(mask_type, reverse_mask, c
 
 
 # -----------------------------------------------------------------------------
-# the whole model
+# 4. the multi-scale model and its config
 
 
 @pytest.mark.parametrize('channels', [1, 3])
@@ -226,10 +191,6 @@ def test_sample_decodes_through_postprocess_and_temperature_scales_z():
     assert not torch.allclose(x, torch.sigmoid(y))
 
 
-# -----------------------------------------------------------------------------
-# errors
-
-
 @pytest.mark.parametrize('kwargs,pattern', [
     (dict(img_size=14, num_scales=3), 'image size 14 does not fit 3 scales'),
     (dict(img_size=7, num_scales=2), 'image size 7'),
@@ -241,6 +202,36 @@ def test_sample_decodes_through_postprocess_and_temperature_scales_z():
 def test_bad_configs_raise_value_error(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         RealNVP(**{**TINY, **kwargs})
+
+
+def test_config_round_trips_through_plain_types():
+    config = RealNVPConfig(in_channels=3, img_size=8, num_scales=2, mid_channels=4, num_blocks=1)
+    model = RealNVP(RealNVPConfig(**asdict(config)))
+    assert model.config == config
+    assert RealNVP(config).config == config
+
+
+
+def test_one_path_from_settings_to_a_model():
+    """RealNVP(RealNVPConfig(...)) and the keyword form build the same model; the config checks itself."""
+    config = RealNVPConfig(in_channels=3, img_size=8, num_scales=2, mid_channels=4, num_blocks=1)
+    torch.manual_seed(0)
+    a = RealNVP(config)
+    torch.manual_seed(0)
+    b = RealNVP(in_channels=3, img_size=8, num_scales=2, mid_channels=4, num_blocks=1)
+    assert a.config == b.config == config
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(ValueError, match='image size 6 does not fit 3 scales.*e.g. 8, 12'):
+        RealNVPConfig(img_size=6, num_scales=3)   # at construction, before any model exists
+    with pytest.raises(TypeError, match='not both'):
+        RealNVP(config, img_size=8)
+    # the flags of train.py and bench.py give the same config through one helper
+    import bench
+    import train
+    flags = ['--image-size', '8', '--mid-channels', '4', '--num-blocks', '1', '--num-scales', '2']
+    from_train = realnvp.config_from_args(train.build_parser().parse_args(flags + ['--dataset', 'cifar10']))
+    from_bench = realnvp.config_from_args(bench.build_parser().parse_args(flags + ['--in-channels', '3']))
+    assert from_train == from_bench == config
 
 
 def test_bad_inputs_raise_value_error():
@@ -257,8 +248,35 @@ def test_bad_inputs_raise_value_error():
         RealNVPLoss(reduction='sum')
 
 
+
+@pytest.mark.skipif(not os.path.isfile(NOTEBOOK), reason='the lecture notebook (../shared/seed) is not here')
+@pytest.mark.parametrize('channels,size,scales', [(1, 8, 2), (3, 8, 3)])
+def test_same_weights_give_the_lecture_models_latent_and_log_det(channels, size, scales):
+    """Our model is the lecture's architecture: its state dict loads into the lecture's code, and both agree."""
+    import bench
+    lecture = bench.lecture_code(NOTEBOOK)
+    ours = tiny_model(channels, size, scales)
+    theirs = bench.lecture_model(lecture, ours.config, torch.device('cpu')).double()
+    state = ours.state_dict()
+    missing, unexpected = theirs.load_state_dict(state, strict=False)
+    assert missing == ['data_constraint'] and unexpected == []
+    theirs.data_constraint.fill_(0.9)  # its buffer was float32 0.9 before .double(); ours is the float64 0.9
+    theirs.eval()
+    x = torch.randint(0, 256, (3, channels, size, size)).double() / 255
+    torch.manual_seed(7)
+    z_ours, sldj_ours = ours(x)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        z_theirs, sldj_theirs = theirs(x)
+    assert (z_ours - z_theirs).abs().max() < 1e-9
+    assert (sldj_ours - sldj_theirs).abs().max() < 1e-9
+    # .contiguous(): the lecture's loss calls .view, which fails on its own 3-channel, 3-scale latent
+    their_loss = lecture['RealNVPLoss']()(z_theirs.contiguous(), sldj_theirs)
+    assert abs(RealNVPLoss()(z_ours, sldj_ours).item() - their_loss.item()) < 1e-8
+
+
 # -----------------------------------------------------------------------------
-# loss, bpd and the optimizer groups
+# 5. loss, bpd and the optimizer groups
 
 
 def test_loss_equals_brute_force_negative_log_likelihood():
@@ -320,28 +338,7 @@ def test_short_training_run_lowers_the_loss():
 
 
 # -----------------------------------------------------------------------------
-# data
-
-
-def write_idx(path, array):
-    array = np.asarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, dtype='>i4').tobytes()
-    opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'wb') as f:
-        f.write(header + array.tobytes())
-
-
-def make_mnist(root, n=20, gz=False, seed=0):
-    """A tiny MNIST in torchvision's layout: root/MNIST/raw/*-idx?-ubyte[.gz], labels 0..9 repeating."""
-    rng = np.random.default_rng(seed)
-    raw = os.path.join(root, 'MNIST', 'raw')
-    os.makedirs(raw, exist_ok=True)
-    suffix = '.gz' if gz else ''
-    for prefix in ('train', 't10k'):
-        images = rng.integers(0, 256, size=(n, 28, 28))
-        write_idx(os.path.join(raw, f'{prefix}-images-idx3-ubyte{suffix}'), images)
-        write_idx(os.path.join(raw, f'{prefix}-labels-idx1-ubyte{suffix}'), np.arange(n) % 10)
-    return root
+# 6. data
 
 
 @pytest.mark.parametrize('gz', [False, True])
@@ -407,113 +404,8 @@ def test_corrupt_idx_file_is_reported(tmp_path):
         ImageDataset('svhn', root)
 
 
-def test_config_round_trips_through_plain_types():
-    config = RealNVPConfig(in_channels=3, img_size=8, num_scales=2, mid_channels=4, num_blocks=1)
-    from dataclasses import asdict
-    model = RealNVP.from_config(asdict(config))
-    assert model.config == config
-    assert RealNVP.from_config(config).config == config
-
-
 # -----------------------------------------------------------------------------
-# the scripts, end to end in subprocesses, on a tiny IDX data folder
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY_RUN = ['--image-size', '8', '--mid-channels', '4', '--num-blocks', '1', '--batch-size', '16',
-            '--num-threads', '1']
-OFFLINE = {'http_proxy': 'http://127.0.0.1:9', 'https_proxy': 'http://127.0.0.1:9',
-           'HTTP_PROXY': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9'}
-
-
-def script(name, *args, timeout=300):
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1', **OFFLINE}
-    return subprocess.run([sys.executable, os.path.join(HERE, name), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=HERE)
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def assert_one_line_error(result, code, *needles):
-    assert result.returncode == code, (result.returncode, result.stderr)
-    assert 'Traceback' not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    for needle in needles:
-        assert needle in last, last
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    return make_mnist(str(tmp_path_factory.mktemp('data')), n=100)
-
-
-@pytest.fixture(scope='module')
-def full_run(data_dir, tmp_path_factory):
-    """An uninterrupted 2-epoch run: 100 images / batch 16 = 7 steps an epoch."""
-    out = str(tmp_path_factory.mktemp('runs') / 'full')
-    result = script('train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 2, *TINY_RUN)
-    assert result.returncode == 0, result.stderr
-    return out
-
-
-def test_train_writes_checkpoints_metrics_plot_and_grid(full_run):
-    for name in ('last.pt', 'best.pt', 'metrics.csv', 'curves.png', 'samples_epoch001.png', 'samples_epoch002.png',
-                 'train.log', 'config.json'):
-        assert os.path.isfile(os.path.join(full_run, name)), name
-    ckpt = load(os.path.join(full_run, 'last.pt'))
-    assert ckpt['step'] == 14 and ckpt['epoch'] == 2 and ckpt['skipped'] == 0
-    assert ckpt['config'] == dict(in_channels=1, img_size=8, num_scales=2, mid_channels=4, num_blocks=1,
-                                  data_constraint=0.9)
-    assert ckpt['args']['seed'] == 0 and 'state' in ckpt['optimizer']
-    rows = open(os.path.join(full_run, 'metrics.csv')).read().strip().splitlines()
-    assert rows[0].startswith('epoch,step,train_bpd,test_bpd') and len(rows) == 3
-    best_bpd = min(float(r.split(',')[3]) for r in rows[1:])
-    assert abs(load(os.path.join(full_run, 'best.pt'))['best_bpd'] - best_bpd) < 1e-4
-    log = open(os.path.join(full_run, 'train.log')).read()
-    assert 'seed 0' in log and 'epoch 2: train bpd' in log
-    with open(os.path.join(full_run, 'config.json')) as f:
-        assert json.load(f)['model']['mid_channels'] == 4
-
-
-def assert_same_weights(path_a, path_b):
-    a, b = load(path_a), load(path_b)
-    assert a['step'] == b['step']
-    for key in a['model']:
-        assert torch.equal(a['model'][key], b['model'][key]), key
-
-
-def test_resume_continues_and_equals_the_uninterrupted_run(full_run, data_dir, tmp_path):
-    out = str(tmp_path / 'stopped')
-    first = script('train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 2, '--max-steps', 10, *TINY_RUN)
-    assert first.returncode == 0, first.stderr
-    assert load(os.path.join(out, 'last.pt'))['step'] == 10   # mid-way through epoch 2
-    second = script('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir, '--num-threads', 1)
-    assert second.returncode == 0, second.stderr
-    assert 'resumed from' in second.stdout
-    assert_same_weights(os.path.join(out, 'last.pt'), os.path.join(full_run, 'last.pt'))
-    rows = open(os.path.join(out, 'metrics.csv')).read().strip().splitlines()
-    assert [r.split(',')[0] for r in rows[1:]] == ['1', '2']
-
-
-def test_ctrl_c_saves_and_resume_equals_the_uninterrupted_run(full_run, data_dir, tmp_path):
-    out = str(tmp_path / 'interrupted')
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1', **OFFLINE}
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'train.py'), '--data-dir', data_dir, '--out-dir', out,
-                             '--epochs', '2', *TINY_RUN], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=HERE)
-    for line in proc.stdout:
-        if line.startswith('training'):
-            break
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert 'Traceback' not in stderr and 'interrupted at step' in stdout
-    step = load(os.path.join(out, 'last.pt'))['step']
-    assert 1 <= step < 14
-    resumed = script('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir, '--num-threads', 1)
-    assert resumed.returncode == 0, resumed.stderr
-    assert_same_weights(os.path.join(out, 'last.pt'), os.path.join(full_run, 'last.pt'))
+# train.py: the pieces, in process
 
 
 @pytest.mark.parametrize('fused', [True, False])
@@ -544,6 +436,87 @@ def test_non_finite_step_leaves_weights_and_optimizer_untouched(fused):
     assert any(not torch.equal(model.state_dict()[k], v) for k, v in weights.items())
 
 
+
+def test_resume_policy_classifies_every_flag():
+    """Each flag of train.py is frozen, kept or per-run on --resume: a new flag cannot slip through."""
+    import train
+    dests = {a.dest for a in train.build_parser()._actions if a.dest != 'help'}
+    assert set(train.RESUME_POLICY) == dests
+    assert set(train.RESUME_POLICY.values()) == {train.FROZEN, train.KEPT, train.PER_RUN}
+
+
+def test_one_process_dist_is_the_identity(monkeypatch):
+    import train
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    d = train.Dist.start(torch.device('cpu'), log_every=10)
+    assert type(d) is train.Dist and (d.rank, d.world, d.sync_every) == (0, 1, 1)
+    t = torch.tensor([1.0, 2.0])
+    assert d.all_reduce(t, 'max') is t and d.shard(t) is t and d.any(True) and not d.any(False)
+    assert d.gather('x') == ['x'] and d.broadcast('y') == 'y'
+    model = RealNVP(img_size=4, **TINY)
+    assert d.wrap(model) is model
+
+
+# -----------------------------------------------------------------------------
+# train.py end to end
+
+
+@pytest.mark.slow
+def test_train_writes_checkpoints_metrics_plot_and_grid(full_run):
+    for name in ('last.pt', 'best.pt', 'metrics.csv', 'curves.png', 'samples_epoch001.png', 'samples_epoch002.png',
+                 'train.log', 'config.json'):
+        assert os.path.isfile(os.path.join(full_run, name)), name
+    ckpt = load(os.path.join(full_run, 'last.pt'))
+    assert ckpt['step'] == 14 and ckpt['epoch'] == 2 and ckpt['skipped'] == 0
+    assert ckpt['config'] == dict(in_channels=1, img_size=8, num_scales=2, mid_channels=4, num_blocks=1,
+                                  data_constraint=0.9)
+    assert ckpt['args']['seed'] == 0 and 'state' in ckpt['optimizer']
+    rows = open(os.path.join(full_run, 'metrics.csv')).read().strip().splitlines()
+    assert rows[0].startswith('epoch,step,train_bpd,test_bpd') and len(rows) == 3
+    best_bpd = min(float(r.split(',')[3]) for r in rows[1:])
+    assert abs(load(os.path.join(full_run, 'best.pt'))['best_bpd'] - best_bpd) < 1e-4
+    log = open(os.path.join(full_run, 'train.log')).read()
+    assert 'seed 0' in log and 'epoch 2: train bpd' in log
+    with open(os.path.join(full_run, 'config.json')) as f:
+        assert json.load(f)['model']['mid_channels'] == 4
+
+
+@pytest.mark.slow
+def test_resume_continues_and_equals_the_uninterrupted_run(full_run, data_dir, tmp_path):
+    out = str(tmp_path / 'stopped')
+    first = script('train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 2, '--max-steps', 10, *TINY_RUN)
+    assert first.returncode == 0, first.stderr
+    assert load(os.path.join(out, 'last.pt'))['step'] == 10   # mid-way through epoch 2
+    second = script('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir, '--num-threads', 1)
+    assert second.returncode == 0, second.stderr
+    assert 'resumed from' in second.stdout
+    assert_same_weights(os.path.join(out, 'last.pt'), os.path.join(full_run, 'last.pt'))
+    rows = open(os.path.join(out, 'metrics.csv')).read().strip().splitlines()
+    assert [r.split(',')[0] for r in rows[1:]] == ['1', '2']
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_resume_equals_the_uninterrupted_run(full_run, data_dir, tmp_path):
+    out = str(tmp_path / 'interrupted')
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', **OFFLINE}
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'train.py'), '--data-dir', data_dir, '--out-dir', out,
+                             '--epochs', '2', *TINY_RUN], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=HERE)
+    for line in proc.stdout:
+        if line.startswith('training'):
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert 'Traceback' not in stderr and 'interrupted at step' in stdout
+    step = load(os.path.join(out, 'last.pt'))['step']
+    assert 1 <= step < 14
+    resumed = script('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir, '--num-threads', 1)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_weights(os.path.join(out, 'last.pt'), os.path.join(full_run, 'last.pt'))
+
+
+@pytest.mark.slow
 def test_persistent_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(full_run, data_dir, tmp_path,
                                                                                   monkeypatch, capsys):
     import train
@@ -558,6 +531,38 @@ def test_persistent_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoin
     assert open(os.path.join(out, 'last.pt'), 'rb').read() == before
 
 
+
+# The checkpoint layout of the first round (before TrainState): the keys train.py wrote then, at the top level.
+FIRST_ROUND_KEYS = ('config', 'model', 'optimizer', 'args', 'rng', 'world_size', 'epoch', 'step', 'best_bpd',
+                    'skipped', 'epoch_loss', 'epoch_count')
+
+
+@pytest.mark.slow
+def test_first_round_checkpoints_still_sample_evaluate_and_resume(full_run, data_dir, tmp_path):
+    ckpt = load(os.path.join(full_run, 'last.pt'))
+    old = {key: ckpt[key] for key in FIRST_ROUND_KEYS}
+    old['args'] = {k: v for k, v in ckpt['args'].items()
+                   if k in ('epochs', 'batch_size', 'lr', 'weight_decay', 'max_grad_norm', 'num_scales',
+                            'mid_channels', 'num_blocks', 'image_size', 'digits', 'dataset', 'data_dir', 'out_dir',
+                            'seed', 'resume', 'max_steps', 'sample_every', 'log_every', 'max_bad_steps', 'device',
+                            'amp', 'compile', 'num_threads')}
+    run = tmp_path / 'old'
+    run.mkdir()
+    torch.save(old, run / 'last.pt')
+    assert script('sample.py', '--ckpt', run / 'last.pt', '--n', 4, '--out', tmp_path / 's.png').returncode == 0
+    evaluated = script('evaluate.py', '--ckpt', run / 'last.pt', '--data-dir', data_dir, '--json')
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)['step'] == 14
+    resumed = script('train.py', '--resume', run / 'last.pt', '--epochs', 3, '--data-dir', data_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load(run / 'last.pt')['step'] == 21 and load(run / 'last.pt')['epoch'] == 3
+
+
+# -----------------------------------------------------------------------------
+# sample.py and evaluate.py
+
+
+@pytest.mark.slow
 def test_sample_writes_a_grid_of_the_right_size(full_run, tmp_path):
     from PIL import Image
     out = str(tmp_path / 'grid.png')
@@ -572,6 +577,7 @@ def test_sample_writes_a_grid_of_the_right_size(full_run, tmp_path):
     assert Image.open(interp).size == (5 * 9 + 1, 2 * 9 + 1)
 
 
+@pytest.mark.slow
 def test_interpolation_ends_decode_to_the_inputs_exactly(full_run, data_dir):
     import sample
     model, _ = realnvp.load_checkpoint(os.path.join(full_run, 'best.pt'))
@@ -581,6 +587,7 @@ def test_interpolation_ends_decode_to_the_inputs_exactly(full_run, data_dir):
     assert not torch.equal(out[:, 1], images[:3])
 
 
+@pytest.mark.slow
 def test_evaluate_prints_the_directly_computed_bpd(full_run, data_dir):
     result = script('evaluate.py', '--ckpt', os.path.join(full_run, 'best.pt'), '--data-dir', data_dir, '--json',
                     '--seed', 3)
@@ -597,6 +604,7 @@ def test_evaluate_prints_the_directly_computed_bpd(full_run, data_dir):
     assert abs(reported['stderr'] - bpd.std().item() / 10) < 1e-5
 
 
+@pytest.mark.slow
 def test_importance_weighted_bound_is_no_worse_on_the_same_draws(full_run, data_dir):
     model, _ = realnvp.load_checkpoint(os.path.join(full_run, 'best.pt'))
     images = ImageDataset('mnist', data_dir, train=False, img_size=8, download=False).images
@@ -610,31 +618,50 @@ def test_importance_weighted_bound_is_no_worse_on_the_same_draws(full_run, data_
     assert torch.allclose(k4, -(torch.logsumexp(-singles, 0) - math.log(4)), atol=1e-4)
 
 
-def test_bad_input_gives_one_clear_line(full_run, data_dir, tmp_path):
-    ckpt = os.path.join(full_run, 'best.pt')
-    assert_one_line_error(script('sample.py', '--ckpt', ckpt, '--n', 0), 2, '--n', 'positive integer')
-    assert_one_line_error(script('train.py', '--epochs', -1), 2, '--epochs')
-    assert_one_line_error(script('train.py', '--image-size', 7, '--data-dir', data_dir), 2, 'image size 7')
-    assert_one_line_error(script('sample.py', '--ckpt', str(tmp_path / 'missing.pt')), 1, 'not found')
-    corrupt = tmp_path / 'corrupt.pt'
-    corrupt.write_bytes(open(ckpt, 'rb').read()[:1000])
-    assert_one_line_error(script('evaluate.py', '--ckpt', corrupt, '--data-dir', data_dir), 1, 'cannot be read')
-    misfit = load(ckpt)
+# -----------------------------------------------------------------------------
+# bad input: one clear line, the right exit code, and nothing saved is touched
+
+# (script, arguments, exit code, words the one line must hold); {names} are the paths of the `bad_files` fixture.
+BAD_INPUT = [
+    ('sample.py', ['--ckpt', '{best}', '--n', '0'], 2, ['--n', 'positive integer']),
+    ('train.py', ['--epochs', '-1'], 2, ['--epochs']),
+    ('train.py', ['--image-size', '7', '--data-dir', '{data}'], 2, ['image size 7']),
+    ('sample.py', ['--ckpt', '{tmp}/missing.pt'], 1, ['not found']),
+    ('evaluate.py', ['--ckpt', '{corrupt}', '--data-dir', '{data}'], 1, ['cannot be read']),
+    ('sample.py', ['--ckpt', '{misfit}'], 1, ['do not fit its config']),
+    ('train.py', ['--data-dir', '{empty}', '--out-dir', '{tmp}/new', *TINY_RUN], 1,
+     ['MNIST not found', 'train-images-idx3-ubyte', '--data-dir']),
+    ('train.py', ['--data-dir', '{data}', '--out-dir', '{run}', *TINY_RUN], 2, ['already holds', '--resume']),
+    ('train.py', ['--resume', '{run}/last.pt', '--mid-channels', '8'], 2, ['--mid-channels differs']),
+    ('evaluate.py', ['--runs-dir', '{tmp}/no-runs'], 1, ['no checkpoint found']),
+    ('bench.py', ['--image-size', '10', '--num-scales', '3'], 2, ['image size 10']),
+]
+
+
+@pytest.fixture(scope='module')
+def bad_files(full_run, data_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('bad')
+    best = os.path.join(full_run, 'best.pt')
+    (tmp / 'corrupt.pt').write_bytes(open(best, 'rb').read()[:1000])
+    misfit = load(best)
     misfit['config']['mid_channels'] = 8
-    torch.save(misfit, tmp_path / 'misfit.pt')
-    assert_one_line_error(script('sample.py', '--ckpt', tmp_path / 'misfit.pt'), 1, 'do not fit its config')
-    empty = tmp_path / 'empty'
-    empty.mkdir()
-    assert_one_line_error(script('train.py', '--data-dir', empty, '--out-dir', tmp_path / 'new', *TINY_RUN), 1,
-                          'MNIST not found', 'train-images-idx3-ubyte', '--data-dir')
-    assert not os.path.exists(tmp_path / 'new')   # a failed start leaves no empty run folder behind
-    before = {n: open(os.path.join(full_run, n), 'rb').read() for n in ('last.pt', 'best.pt', 'metrics.csv')}
-    assert_one_line_error(script('train.py', '--data-dir', data_dir, '--out-dir', full_run, *TINY_RUN), 2,
-                          'already holds', '--resume')
-    assert_one_line_error(script('train.py', '--resume', os.path.join(full_run, 'last.pt'), '--mid-channels', 8), 2,
-                          '--mid-channels differs')
-    assert before == {n: open(os.path.join(full_run, n), 'rb').read() for n in before}
-    assert_one_line_error(script('evaluate.py', '--runs-dir', tmp_path / 'no-runs'), 1, 'no checkpoint found')
+    torch.save(misfit, tmp / 'misfit.pt')
+    (tmp / 'empty').mkdir()
+    return dict(best=best, run=full_run, data=data_dir, tmp=str(tmp), corrupt=str(tmp / 'corrupt.pt'),
+                misfit=str(tmp / 'misfit.pt'), empty=str(tmp / 'empty'))
+
+
+def folder_bytes(path):
+    return {name: open(os.path.join(path, name), 'rb').read() for name in sorted(os.listdir(path))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name,args,code,words', BAD_INPUT, ids=[f'{n}-{i}' for i, (n, *_) in enumerate(BAD_INPUT)])
+def test_bad_input_gives_one_clear_line(name, args, code, words, bad_files):
+    before = folder_bytes(bad_files['run'])
+    assert_one_line_error(script(name, *[a.format(**bad_files) for a in args]), code, *words)
+    assert folder_bytes(bad_files['run']) == before               # nothing saved is touched
+    assert not os.path.exists(os.path.join(bad_files['tmp'], 'new'))   # a failed start leaves no run folder
 
 
 # -----------------------------------------------------------------------------
@@ -709,9 +736,10 @@ def test_answers_flop_and_parameter_figures():
 
 
 # -----------------------------------------------------------------------------
-# multi-process training (torchrun, gloo on the CPU)
+# multi-process training (torchrun, gloo on the CPU) and the benchmark script
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_agree_and_write_a_usable_checkpoint(data_dir, tmp_path):
     out = str(tmp_path / 'ddp')
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', **OFFLINE}
@@ -734,38 +762,7 @@ def test_torchrun_two_processes_agree_and_write_a_usable_checkpoint(data_dir, tm
     assert os.path.isfile(tmp_path / 's.png')
 
 
-# -----------------------------------------------------------------------------
-# against the lecture's own code, and the benchmark script
-
-NOTEBOOK = os.path.join(HERE, '..', 'shared', 'seed', '000_3ef8c274db9a0617.txt')
-
-
-@pytest.mark.skipif(not os.path.isfile(NOTEBOOK), reason='the lecture notebook (../shared/seed) is not here')
-@pytest.mark.parametrize('channels,size,scales', [(1, 8, 2), (3, 8, 3)])
-def test_same_weights_give_the_lecture_models_latent_and_log_det(channels, size, scales):
-    """Our model is the lecture's architecture: its state dict loads into the lecture's code, and both agree."""
-    import bench
-    lecture = bench.lecture_code(NOTEBOOK)
-    ours = tiny_model(channels, size, scales)
-    theirs = bench.lecture_model(lecture, ours.config, torch.device('cpu')).double()
-    state = ours.state_dict()
-    missing, unexpected = theirs.load_state_dict(state, strict=False)
-    assert missing == ['data_constraint'] and unexpected == []
-    theirs.data_constraint.fill_(0.9)  # its buffer was float32 0.9 before .double(); ours is the float64 0.9
-    theirs.eval()
-    x = torch.randint(0, 256, (3, channels, size, size)).double() / 255
-    torch.manual_seed(7)
-    z_ours, sldj_ours = ours(x)
-    torch.manual_seed(7)
-    with torch.no_grad():
-        z_theirs, sldj_theirs = theirs(x)
-    assert (z_ours - z_theirs).abs().max() < 1e-9
-    assert (sldj_ours - sldj_theirs).abs().max() < 1e-9
-    # .contiguous(): the lecture's loss calls .view, which fails on its own 3-channel, 3-scale latent
-    their_loss = lecture['RealNVPLoss']()(z_theirs.contiguous(), sldj_theirs)
-    assert abs(RealNVPLoss()(z_ours, sldj_ours).item() - their_loss.item()) < 1e-8
-
-
+@pytest.mark.slow
 def test_bench_reports_consistent_figures():
     result = script('bench.py', '--image-size', 8, '--mid-channels', 4, '--num-blocks', 1, '--batch-size', 8,
                     '--steps', 2, '--warmup', 1, '--num-threads', 1, '--device', 'cpu', '--json')
@@ -777,4 +774,3 @@ def test_bench_reports_consistent_figures():
     assert abs(r['achieved_gflop_per_s'] - r['gflop_train_step_per_image'] * r['train_images_per_s']) < 1e-6 * r['achieved_gflop_per_s']
     assert abs(r['ratio_to_fp32_matmul'] - r['achieved_gflop_per_s'] / r['matmul_fp32_gflop_per_s']) < 1e-9
     assert r['train_images_per_s'] > 0 and r['sample_images_per_s'] > 0 and r['eval_images_per_s'] > 0
-    assert_one_line_error(script('bench.py', '--image-size', 10, '--num-scales', 3), 2, 'image size 10')

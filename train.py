@@ -10,6 +10,7 @@ samples_epochNNN.png, last.pt and best.pt (by test bpd).
 """
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -17,7 +18,8 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
+from enum import Enum
 
 import torch
 import torch.distributed as dist
@@ -26,12 +28,6 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 import realnvp as R
-
-# On --resume, settings that define the model, the data or the optimisation come from the checkpoint
-# (giving another value is an error); these others also come from it unless given again.
-FROZEN_ON_RESUME = ('batch_size', 'lr', 'weight_decay', 'max_grad_norm', 'num_scales', 'mid_channels',
-                    'num_blocks', 'image_size', 'digits', 'dataset', 'seed', 'amp')
-KEPT_ON_RESUME = ('epochs', 'sample_every', 'log_every', 'max_bad_steps', 'data_dir')
 
 
 def build_parser():
@@ -43,11 +39,7 @@ def build_parser():
     a('--weight-decay', type=R.non_negative_float, default=5e-5,
       help='L2 penalty on the weight-norm scales only, as in the RealNVP paper (default 5e-5)')
     a('--max-grad-norm', type=R.positive_float, default=100.0, help='clip the gradient norm to this (default 100)')
-    a('--num-scales', type=R.positive_int, default=2, help='scales of the multi-scale architecture (default 2)')
-    a('--mid-channels', type=R.positive_int, default=64, help='channels of the first scale\'s s/t ResNets (default 64)')
-    a('--num-blocks', type=R.positive_int, default=8, help='residual blocks per s/t ResNet (default 8)')
-    a('--image-size', type=R.positive_int, default=14,
-      help='images are resized to this; must be a multiple of 2^(num_scales-1) (default 14)')
+    R.add_model_args(p)
     a('--digits', type=int, nargs='+', default=None, metavar='D',
       help='keep only these labels, e.g. --digits 0 2 as in the lecture (default: all)')
     a('--dataset', choices=R.DATASETS, default='mnist', help='data set (default mnist)')
@@ -60,7 +52,8 @@ def build_parser():
     a('--sample-every', type=R.positive_int, default=1, metavar='N',
       help='write a sample grid after the first epoch and every N epochs (default 1)')
     a('--log-every', type=R.positive_int, default=10, metavar='N',
-      help='refresh the progress bar\'s bpd every N steps (reading it costs a device sync) (default 10)')
+      help='refresh the progress bar\'s bpd every N steps (reading it costs a device sync); with several '
+           'processes, Ctrl-C is also acted on at these steps (default 10)')
     a('--max-bad-steps', type=R.positive_int, default=20, metavar='N',
       help='stop when N steps in a row had a non-finite loss or gradient (default 20)')
     a('--device', default=None, help='cpu, cuda, cuda:N or mps (default: CUDA, then MPS, then CPU)')
@@ -68,6 +61,167 @@ def build_parser():
     a('--compile', action='store_true', help='torch.compile the model (GPU)')
     a('--num-threads', type=R.positive_int, default=None, help='CPU threads for PyTorch (default: its own choice)')
     return p
+
+
+# What --resume does with each flag: FROZEN ones define the model, the data or the optimisation and come from
+# the checkpoint (giving another value is an error); KEPT ones also come from it unless given again; PER_RUN
+# ones belong to this invocation alone. Every flag of build_parser() is in exactly one (tested).
+FROZEN, KEPT, PER_RUN = 'frozen', 'kept', 'per-run'
+RESUME_POLICY = {
+    **dict.fromkeys(('batch_size', 'lr', 'weight_decay', 'max_grad_norm', 'num_scales', 'mid_channels',
+                     'num_blocks', 'image_size', 'digits', 'dataset', 'seed', 'amp'), FROZEN),
+    **dict.fromkeys(('epochs', 'sample_every', 'log_every', 'max_bad_steps', 'data_dir'), KEPT),
+    **dict.fromkeys(('out_dir', 'resume', 'max_steps', 'device', 'compile', 'num_threads'), PER_RUN),
+}
+
+
+def given_flags(parser, argv):
+    """The dests of the options written on the command line."""
+    words = {w.split('=', 1)[0] for w in argv if w.startswith('--')}
+    return {a.dest for a in parser._actions if words & set(a.option_strings)}
+
+
+def parse_args(parser, argv=None):
+    """(args, checkpoint or None, device): the flags with --resume's policy applied; bad input exits 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    try:
+        ckpt = apply_resume_policy(args, given_flags(parser, argv))
+        R.config_from_args(args)  # the architecture can take these sizes
+        if args.out_dir and not args.resume:
+            for name in ('last.pt', 'best.pt'):
+                if os.path.exists(os.path.join(args.out_dir, name)):
+                    raise ValueError(f'{args.out_dir} already holds {name}; pass --resume '
+                                     f'{os.path.join(args.out_dir, name)} to continue it, or another --out-dir')
+        return args, ckpt, R.pick_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def apply_resume_policy(args, given):
+    """With --resume: load the checkpoint, refuse changed FROZEN flags, take FROZEN and KEPT ones from it."""
+    if not args.resume:
+        return None
+    _, ckpt = R.load_checkpoint(args.resume)  # one-line errors for a missing, corrupt or misfitting file
+    saved = ckpt.get('args', {})
+    for key, policy in RESUME_POLICY.items():
+        if policy == FROZEN and key in given and getattr(args, key) != saved.get(key):
+            raise ValueError(f'--{key.replace("_", "-")} differs from the checkpoint\'s ({saved.get(key)!r}); '
+                             f'a resumed run keeps its settings: drop the flag or start a new run')
+        if policy != PER_RUN and key in saved and key not in given:
+            setattr(args, key, saved[key])
+    if args.out_dir is None:
+        args.out_dir = os.path.dirname(os.path.abspath(args.resume))
+    return ckpt
+
+
+def new_run_dir():
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    path, k = os.path.join('runs', stamp), 1
+    while os.path.exists(path):
+        path, k = os.path.join('runs', f'{stamp}-{k}'), k + 1
+    return path
+
+
+# -----------------------------------------------------------------------------
+# processes: one, or several under torchrun
+
+
+class Dist:
+    """One process: rank 0 of 1, and every collective is the identity. `Dist.start` returns the
+    multi-process `TorchDist` under torchrun, so the training code never asks how many processes there are."""
+
+    def __init__(self, device):
+        self.rank, self.world, self.device = 0, 1, device
+        self.sync_every = 1  # steps between stop checks; one process checks its own flag every step
+
+    @staticmethod
+    def start(device, log_every):
+        return TorchDist(device, log_every) if int(os.environ.get('WORLD_SIZE', '1')) > 1 else Dist(device)
+
+    def all_reduce(self, tensor, op='sum'):
+        return tensor
+
+    def any(self, flag):
+        return flag
+
+    def broadcast(self, obj):
+        return obj
+
+    def gather(self, obj):
+        return [obj]
+
+    def shard(self, tensor):
+        return tensor
+
+    def wrap(self, model):
+        return model
+
+    def average_buffers(self, model):
+        pass
+
+    def check_ranks_agree(self, model, log):
+        pass
+
+    def close(self):
+        pass
+
+
+class TorchDist(Dist):
+    """Several processes started by torchrun: gloo on the CPU, NCCL on CUDA (one GPU a process)."""
+
+    def __init__(self, device, log_every):
+        super().__init__(device)
+        if device.type == 'cuda':
+            self.device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+            torch.cuda.set_device(self.device)
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                                device_id=self.device if device.type == 'cuda' else None)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.sync_every = log_every  # agreeing on a stop costs an all-reduce and a host sync
+
+    def all_reduce(self, tensor, op='sum'):
+        dist.all_reduce(tensor, op={'sum': dist.ReduceOp.SUM, 'max': dist.ReduceOp.MAX}[op])
+        return tensor
+
+    def any(self, flag):
+        return self.all_reduce(torch.tensor(float(flag), device=self.device), 'max').item() > 0
+
+    def broadcast(self, obj):
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def gather(self, obj):
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def shard(self, tensor):
+        return tensor[self.rank::self.world]
+
+    def wrap(self, model):
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+
+    def average_buffers(self, model):
+        """Average the batch-norm running statistics over the ranks: each saw only its own batches."""
+        for buffer in model.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer, op=dist.ReduceOp.AVG)
+
+    def check_ranks_agree(self, model, log):
+        """Every rank must hold the same weights and statistics: compare digests, say so in the log."""
+        digest = hashlib.sha256()
+        for value in model.state_dict().values():
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        digests = self.gather(digest.hexdigest())
+        if len(set(digests)) == 1:
+            log(f'weights identical across {self.world} ranks (sha256 {digests[0][:12]})')
+        else:
+            log(f'warning: the {self.world} ranks ended with different weights ({", ".join(d[:12] for d in digests)})')
+
+    def close(self):
+        dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
@@ -96,11 +250,12 @@ class Run:
             with open(self.path(name), 'w') as f:
                 json.dump(obj, f, indent=2)
 
-    def metrics(self):
-        if not os.path.isfile(self.path('metrics.csv')):
+    def metrics(self, upto_epoch):
+        """The rows of metrics.csv up to `upto_epoch` (rows past it belong to epochs a resume redoes)."""
+        if not self.active or not os.path.isfile(self.path('metrics.csv')):
             return []
         with open(self.path('metrics.csv')) as f:
-            return list(csv.DictReader(f))
+            return [row for row in csv.DictReader(f) if int(row['epoch']) <= upto_epoch]
 
     def write_metrics(self, rows):
         if not self.active or not rows:
@@ -130,21 +285,16 @@ def plot_curves(rows, path):
     plt.close(fig)
 
 
-def save_grid(images, path, nrow=None):
-    from torchvision.utils import save_image
-    save_image(images, path, nrow=nrow or math.ceil(math.sqrt(len(images))), padding=1, pad_value=1.0)
-
-
 # -----------------------------------------------------------------------------
 # the training step
 
 
-def train_step(model, optimizer, loss_fn, x, max_grad_norm, autocast, sync_flag=None):
+def train_step(model, optimizer, loss_fn, x, max_grad_norm, autocast, dist=None):
     """One optimizer step: a non-finite loss or gradient skips the update.
 
     A fused Adam (CUDA, CPU) reads `found_inf` on the device and leaves weights and moments untouched
-    when it is 1, so the step needs no host sync; any other optimizer asks the host. Returns (loss, bad)
-    as 0-dim tensors on the device."""
+    when it is 1, so the step needs no host sync; any other optimizer asks the host. Under several
+    processes `dist` (a train.Dist) makes every rank skip the same steps. Returns (loss, bad) as 0-dim device tensors."""
     with autocast:
         z, sldj = model(x, validate=False)
     loss = loss_fn(z.float(), sldj.float())
@@ -153,8 +303,8 @@ def train_step(model, optimizer, loss_fn, x, max_grad_norm, autocast, sync_flag=
     grad_norm = torch.nn.utils.clip_grad_norm_(
         [p for g in optimizer.param_groups for p in g['params']], max_grad_norm)
     bad = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
-    if sync_flag is not None:
-        sync_flag(bad)  # under DDP every rank must skip the same steps
+    if dist is not None:
+        dist.all_reduce(bad, 'max')
     if optimizer.defaults.get('fused'):
         optimizer.found_inf = bad
         optimizer.step()
@@ -164,284 +314,257 @@ def train_step(model, optimizer, loss_fn, x, max_grad_norm, autocast, sync_flag=
 
 
 # -----------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class TrainState:
+    """Where a run is: saved in every checkpoint as plain top-level entries, restored by --resume."""
+    epoch: int = 0
+    step: int = 0
+    best_bpd: float = float('inf')
+    skipped: int = 0         # non-finite steps skipped so far
+    epoch_loss: float = 0.0  # the current epoch's summed loss (nats x images) and image count, for a
+    epoch_count: float = 0.0  # resume in the middle of an epoch
+
+    @classmethod
+    def from_checkpoint(cls, ckpt):
+        return cls(**{f.name: ckpt[f.name] for f in fields(cls)})
+
+
+@dataclass
+class Data:
+    """The data as uint8 on the device: the whole training split, and this process's share of the test split."""
+    train: torch.Tensor
+    test: torch.Tensor
+    n_test: int  # images in the whole test split
+
+
+class Stop(Enum):
+    """Why a run leaves before its last epoch ends (None: it did not)."""
+    NON_FINITE = 'non-finite loss or gradient'
+    INTERRUPTED = 'interrupted'
+    MAX_STEPS = 'reached --max-steps'
+
+
+class Trainer:
+    """The steps of a run: train epochs, end each one (evaluate, checkpoint, log, plot, sample), save, stop."""
+
+    def __init__(self, args, run, dist, model, optimizer, data, state):
+        self.args, self.run, self.dist, self.state = args, run, dist, state
+        self.model, self.optimizer, self.data = model, optimizer, data
+        self.device = dist.device
+        net = dist.wrap(model)
+        self.net = torch.compile(net) if args.compile else net
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
+        self.loss_fn = R.RealNVPLoss()
+        self.sampler = DistributedSampler(range(len(data.train)), num_replicas=dist.world, rank=dist.rank,
+                                          shuffle=True, seed=args.seed)
+        self.local_batch = args.batch_size // dist.world
+        self.steps_per_epoch = math.ceil(len(self.sampler) / self.local_batch)
+        self.nats_per_bpd = model.shape[0] * model.shape[1] * model.shape[2] * math.log(2)
+        self.fixed_z = torch.randn((64, *model.shape), generator=torch.Generator().manual_seed(args.seed)).to(self.device)
+        self.rows = run.metrics(upto_epoch=state.epoch)
+        self.signal = None
+        zero = torch.zeros((), device=self.device)
+        self.consecutive_bad, self.skipped = zero.clone(), zero.clone()  # skipped: not yet in state.skipped
+
+    def fit(self):
+        """Train to --epochs (or an early stop) and return the exit code."""
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.announce()
+            stop = None
+            while self.state.epoch < self.args.epochs:
+                stop = self.train_epoch()
+                if stop is not None:
+                    break
+                self.end_epoch()
+            code = self.leave(stop)
+            self.dist.check_ranks_agree(self.model, self.run.log)
+            return code
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _on_signal(self, signum, frame):
+        self.signal = signum  # acted on at the next stop check, after the current step
+
+    def announce(self):
+        args, s = self.args, self.state
+        if args.resume:
+            self.run.log(f'resumed from {args.resume} at epoch {s.epoch}, step {s.step}')
+        else:
+            self.run.write_json('config.json', dict(args=vars(args), model=asdict(self.model.config),
+                                                    world_size=self.dist.world))
+            self.run.log(f'run folder {self.run.dir}; seed {args.seed}; device {self.device}; '
+                         f'{self.dist.world} process(es)')
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.run.log(f'{args.dataset} {args.image_size}x{args.image_size}: {len(self.data.train)} train, '
+                     f'{self.data.n_test} test images; {n_params / 1e6:.2f}M parameters')
+        self.run.log('training')
+
+    def train_epoch(self):
+        """Train the rest of the current epoch; return why it stopped early, or None."""
+        s, args = self.state, self.args
+        self.sampler.set_epoch(s.epoch)
+        order = torch.tensor(list(self.sampler), device=self.device)
+        first = s.step - s.epoch * self.steps_per_epoch   # batches of this epoch already done (resume)
+        self.totals = torch.tensor([s.epoch_loss, s.epoch_count], device=self.device, dtype=torch.float64)
+        self.model.train()
+        bar = tqdm(range(first, self.steps_per_epoch), desc=f'epoch {s.epoch + 1}/{args.epochs}',
+                   disable=not self.run.active, initial=first, total=self.steps_per_epoch, dynamic_ncols=True)
+        self.t0, self.seen = time.time(), 0
+        for i in bar:
+            self.step(order[i * self.local_batch:(i + 1) * self.local_batch])
+            stop = self.stop_check(bar, last=i == self.steps_per_epoch - 1)
+            if stop is not None:
+                bar.close()
+                s.epoch_loss, s.epoch_count = self.totals.tolist()
+                self._fold_skipped()
+                return stop
+        bar.close()
+        return None
+
+    def step(self, idx):
+        x = self.data.train[idx].float() / 255.0                     # (b, C, H, W) in [0, 1]
+        loss, bad = train_step(self.net, self.optimizer, self.loss_fn, x, self.args.max_grad_norm, self.autocast,
+                               self.dist)
+        self.totals += torch.stack([torch.where(bad > 0, 0.0, loss.double() * len(idx)),
+                                    (1.0 - bad).double() * len(idx)])
+        self.consecutive_bad = (self.consecutive_bad + 1) * bad
+        self.skipped += bad
+        self.state.step += 1
+        self.seen += len(idx) * self.dist.world
+
+    def stop_check(self, bar, last):
+        """Refresh the progress bar every --log-every steps; return why training must stop now, or None."""
+        s, args = self.state, self.args
+        if s.step % args.log_every == 0 or last:
+            loss, count = self.totals.tolist()
+            bar.set_postfix(bpd=f'{loss / max(count, 1) / self.nats_per_bpd:.3f}',
+                            img_s=f'{self.seen / (time.time() - self.t0):.1f}')
+            if self.consecutive_bad.item() >= args.max_bad_steps:
+                return Stop.NON_FINITE
+        if (s.step % self.dist.sync_every == 0 or last) and self.dist.any(self.signal is not None):
+            return Stop.INTERRUPTED
+        if args.max_steps and s.step >= args.max_steps:
+            return Stop.MAX_STEPS
+        return None
+
+    def _fold_skipped(self):
+        self.state.skipped += int(self.skipped.item())
+        self.skipped.zero_()
+
+    def end_epoch(self):
+        """Evaluate, checkpoint, log, plot and sample at the end of an epoch."""
+        s = self.state
+        loss, count = self.dist.all_reduce(self.totals).tolist()
+        train_bpd = loss / count / self.nats_per_bpd
+        bpd = self.test_bpd()
+        epoch_time = time.time() - self.t0
+        s.epoch, s.epoch_loss, s.epoch_count = s.epoch + 1, 0.0, 0.0
+        self._fold_skipped()
+        is_best = bpd < s.best_bpd
+        if is_best:
+            s.best_bpd = bpd
+        self.save(self.run.path('last.pt'), *([self.run.path('best.pt')] if is_best else []))
+        self.rows.append(dict(epoch=s.epoch, step=s.step, train_bpd=f'{train_bpd:.5f}', test_bpd=f'{bpd:.5f}',
+                              skipped_steps=s.skipped, seconds=f'{epoch_time:.1f}',
+                              images_per_s=f'{self.seen / epoch_time:.1f}'))
+        self.run.write_metrics(self.rows)
+        self.run.log(f'epoch {s.epoch}: train bpd {train_bpd:.4f}, test bpd {bpd:.4f}{" (best)" if is_best else ""}, '
+                     f'{epoch_time:.0f}s, {self.seen / epoch_time:.1f} images/s, {s.skipped} skipped steps')
+        if self.run.active and (s.epoch == 1 or s.epoch % self.args.sample_every == 0):
+            R.save_grid(self.model.decode(self.fixed_z).cpu(), self.run.path(f'samples_epoch{s.epoch:03d}.png'))
+
+    def test_bpd(self):
+        """Test bpd over the whole test split (each process evaluates its share), in eval mode."""
+        self.dist.average_buffers(self.model)
+        nll = R.nll_per_image(self.model, self.data.test, batch_size=512).double()
+        total = self.dist.all_reduce(torch.stack([nll.sum(), torch.tensor(float(len(nll)), device=self.device,
+                                                                          dtype=torch.float64)]))
+        return (total[0] / total[1]).item() / self.nats_per_bpd
+
+    def save(self, *paths):
+        """One checkpoint (config, weights, optimizer, arguments, every rank's RNG, TrainState) to `paths`."""
+        self.dist.average_buffers(self.model)
+        rng = {'cpu': torch.get_rng_state(),
+               'cuda': torch.cuda.get_rng_state(self.device) if self.device.type == 'cuda' else None}
+        rngs = self.dist.gather(rng)
+        if self.run.active:
+            obj = dict(config=asdict(self.model.config), model=self.model.state_dict(),
+                       optimizer=self.optimizer.state_dict(), args=vars(self.args), rng=rngs,
+                       world_size=self.dist.world, **asdict(self.state))
+            for path in paths:
+                R.save_checkpoint(obj, path)
+
+    def leave(self, stop):
+        """The one way out of `fit`: log why, save where there is something to keep, return the exit code."""
+        s, last = self.state, self.run.path('last.pt')
+        if stop is None:
+            self.run.log(f'done: step {s.step}, best test bpd {s.best_bpd:.4f}; checkpoints in {self.run.dir}')
+            return 0
+        if stop == Stop.NON_FINITE:
+            self.run.log(f'stopping: {int(self.consecutive_bad.item())} steps in a row had a non-finite loss or '
+                         f'gradient (step {s.step}); lower --lr or --max-grad-norm. '
+                         f'The last good checkpoint is untouched.')
+            return 1
+        self.save(last)
+        why = 'interrupted' if stop == Stop.INTERRUPTED else f'reached --max-steps {self.args.max_steps}'
+        self.run.log(f'{why} at step {s.step}: saved {last}; continue with --resume {last}')
+        return 130 if stop == Stop.INTERRUPTED else 0
+
+
+# -----------------------------------------------------------------------------
 # main
 
 
-def setup_distributed():
-    """(rank, world_size, local_rank); starts the process group when launched by torchrun."""
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    if world == 1:
-        return 0, 1, 0
-    backend = 'nccl' if torch.cuda.is_available() else 'gloo'
-    dist.init_process_group(backend)
-    return dist.get_rank(), world, int(os.environ.get('LOCAL_RANK', '0'))
+def load_data(args, dist):
+    """The run's data on the device; a missing or unusable data set exits 1 with one line."""
+    try:
+        train_set, test_set = (R.ImageDataset(args.dataset, args.data_dir, train=train, img_size=args.image_size,
+                                              digits=args.digits) for train in (True, False))
+    except (R.DataNotFoundError, ValueError) as e:
+        R.die('train.py', e)
+    return Data(train=train_set.images.to(dist.device), test=dist.shard(test_set.images).to(dist.device),
+                n_test=len(test_set))
 
 
-def new_run_dir():
-    stamp = time.strftime('%Y%m%d-%H%M%S')
-    path, k = os.path.join('runs', stamp), 1
-    while os.path.exists(path):
-        path, k = os.path.join('runs', f'{stamp}-{k}'), k + 1
-    return path
-
-
-def given_flags(parser, argv):
-    """The dests of the options written on the command line."""
-    words = {w.split('=', 1)[0] for w in argv if w.startswith('--')}
-    return {a.dest for a in parser._actions if words & set(a.option_strings)}
-
-
-def resolve_args(parser, args, argv):
-    """Apply --resume (settings from the checkpoint) and check what argparse cannot."""
-    ckpt = None
-    if args.resume:
-        _, ckpt = R.load_checkpoint(args.resume)  # one-line errors for a missing, corrupt or misfitting file
-        saved, given = ckpt.get('args', {}), given_flags(parser, argv)
-        for key in FROZEN_ON_RESUME:
-            if key in given and getattr(args, key) != saved.get(key):
-                raise ValueError(f'--{key.replace("_", "-")} differs from the checkpoint\'s ({saved.get(key)!r}); '
-                                 f'a resumed run keeps its settings: drop the flag or start a new run')
-        for key in FROZEN_ON_RESUME + KEPT_ON_RESUME:
-            if key in saved and key not in given:
-                setattr(args, key, saved[key])
-        if args.out_dir is None:
-            args.out_dir = os.path.dirname(os.path.abspath(args.resume))
-    R.RealNVPConfig(in_channels=3 if args.dataset == 'cifar10' else 1, img_size=args.image_size,
-                    num_scales=args.num_scales, mid_channels=args.mid_channels, num_blocks=args.num_blocks).validate()
-    if args.out_dir and not args.resume:
-        for name in ('last.pt', 'best.pt'):
-            if os.path.exists(os.path.join(args.out_dir, name)):
-                raise ValueError(f'{args.out_dir} already holds {name}; pass --resume {os.path.join(args.out_dir, name)} '
-                                 f'to continue it, or another --out-dir')
-    return ckpt
+def restore(ckpt, model, optimizer, dist, seed):
+    """The TrainState to start from: fresh, or the checkpoint's with its weights, optimizer and this rank's RNG."""
+    torch.manual_seed(seed + dist.rank)  # dequantisation noise differs per rank
+    if ckpt is None:
+        return TrainState()
+    model.load_state_dict(ckpt['model'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    rng = ckpt['rng'][min(dist.rank, len(ckpt['rng']) - 1)]   # a run resumed on fewer processes takes rank 0's
+    torch.set_rng_state(rng['cpu'])
+    if dist.device.type == 'cuda' and rng['cuda'] is not None:
+        torch.cuda.set_rng_state(rng['cuda'], dist.device)
+    return TrainState.from_checkpoint(ckpt)
 
 
 def main(argv=None):
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    try:
-        ckpt = resolve_args(parser, args, argv)
-        device = R.pick_device(args.device)
-    except ValueError as e:
-        parser.error(str(e))
+    args, ckpt, device = parse_args(parser, argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-
-    rank, world, local_rank = setup_distributed()
-    if device.type == 'cuda' and world > 1:
-        device = torch.device('cuda', local_rank)
-        torch.cuda.set_device(device)
-    if args.batch_size % world != 0:
-        parser.error(f'--batch-size {args.batch_size} must be divisible by the {world} processes')
-    if args.out_dir is None:
-        args.out_dir = new_run_dir()
-    if world > 1:
-        holder = [args.out_dir]
-        dist.broadcast_object_list(holder, src=0)
-        args.out_dir = holder[0]
-    # Data: the whole split as uint8 on the device; batches are drawn there.
+    dist = Dist.start(device, args.log_every)
     try:
-        train_set = R.ImageDataset(args.dataset, args.data_dir, train=True, img_size=args.image_size, digits=args.digits)
-        test_set = R.ImageDataset(args.dataset, args.data_dir, train=False, img_size=args.image_size, digits=args.digits)
-    except (R.DataNotFoundError, ValueError) as e:
-        R.die('train.py', e)
-    run = Run(args.out_dir, active=rank == 0)
-
-    train_images = train_set.images.to(device)
-    test_images = test_set.images[rank::world].to(device)
-
-    # Model, optimizer, state.
-    torch.manual_seed(args.seed)
-    model = R.RealNVP(in_channels=train_images.shape[1], img_size=args.image_size, num_scales=args.num_scales,
-                      mid_channels=args.mid_channels, num_blocks=args.num_blocks).to(device)
-    optimizer = R.make_optimizer(model, args.lr, args.weight_decay, device)
-    state = dict(epoch=0, step=0, best_bpd=float('inf'), skipped=0, epoch_loss=0.0, epoch_count=0)
-    if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        state.update({k: ckpt[k] for k in state})
-    torch.manual_seed(args.seed + rank)  # dequantisation noise differs per rank
-    if ckpt is not None:
-        rng = ckpt['rng'][min(rank, len(ckpt['rng']) - 1)]   # a run resumed on fewer processes takes rank 0's
-        torch.set_rng_state(rng['cpu'])
-        if device.type == 'cuda' and rng['cuda'] is not None:
-            torch.cuda.set_rng_state(rng['cuda'], device)
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
-    net = model
-    if world > 1:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    if args.compile:
-        net = torch.compile(net)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
-    loss_fn = R.RealNVPLoss()
-    sync_flag = (lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX)) if world > 1 else None
-    fixed_z = torch.randn((64, *model.shape), generator=torch.Generator().manual_seed(args.seed)).to(device)
-
-    config = model.config
-    if ckpt is None:
-        run.write_json('config.json', dict(args=vars(args), model=asdict(config), world_size=world))
-        run.log(f'run folder {run.dir}; seed {args.seed}; device {device}; {world} process(es)')
-    else:
-        run.log(f'resumed from {args.resume} at epoch {state["epoch"]}, step {state["step"]}')
-    n_params = sum(p.numel() for p in model.parameters())
-    run.log(f'{args.dataset} {args.image_size}x{args.image_size}: {len(train_set)} train, {len(test_set)} test images; '
-            f'{n_params / 1e6:.2f}M parameters')
-    rows = [r for r in run.metrics() if int(r['epoch']) <= state['epoch']] if rank == 0 else []
-
-    sampler = DistributedSampler(range(len(train_set)), num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-    local_batch = args.batch_size // world
-    steps_per_epoch = math.ceil(len(sampler) / local_batch)
-    D = model.shape[0] * model.shape[1] * model.shape[2]
-
-    stop = {'signal': None}
-
-    def request_stop(signum, frame):
-        stop['signal'] = signum
-
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def checkpoint(*paths):
-        sync_buffers()
-        rng = {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None}
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
-        if rank == 0:
-            obj = dict(config=asdict(config), model=model.state_dict(), optimizer=optimizer.state_dict(),
-                       args=vars(args), rng=rngs, world_size=world, **state)
-            for path in paths:
-                R.save_checkpoint(obj, path)
-
-    def stop_requested():
-        if sync_flag is None:
-            return stop['signal'] is not None
-        flag = torch.tensor(float(stop['signal'] is not None), device=device)
-        sync_flag(flag)  # every rank stops at the same step
-        return flag.item() > 0
-
-    def sync_buffers():
-        """Average the batch-norm running statistics over the ranks: each saw only its own batches."""
-        if world > 1:
-            for buffer in model.buffers():
-                if buffer.is_floating_point():
-                    dist.all_reduce(buffer, op=dist.ReduceOp.AVG)
-
-    def test_bpd():
-        sync_buffers()
-        nll = R.nll_per_image(model, test_images, batch_size=512).double()
-        total = torch.stack([nll.sum(), torch.tensor(float(len(nll)), device=device, dtype=torch.float64)])
-        if world > 1:
-            dist.all_reduce(total)
-        return (total[0] / total[1]).item() / (D * math.log(2))
-
-    run.log('training')
-    try:
-        exit_code = train_loop(args, state, run, net, model, optimizer, loss_fn, autocast, sync_flag, sampler,
-                               train_images, local_batch, steps_per_epoch, world, rank, device, D,
-                               checkpoint, stop_requested, test_bpd, fixed_z, rows)
-        if world > 1:
-            check_ranks_agree(model, run, world)
+        if args.batch_size % dist.world != 0:
+            parser.error(f'--batch-size {args.batch_size} must be divisible by the {dist.world} processes')
+        args.out_dir = dist.broadcast(args.out_dir or new_run_dir())
+        data = load_data(args, dist)
+        run = Run(args.out_dir, active=dist.rank == 0)
+        torch.manual_seed(args.seed)
+        model = R.RealNVP(R.config_from_args(args)).to(dist.device)
+        optimizer = R.make_optimizer(model, args.lr, args.weight_decay, dist.device)
+        state = restore(ckpt, model, optimizer, dist, args.seed)
+        torch.backends.cudnn.benchmark = dist.device.type == 'cuda'
+        return Trainer(args, run, dist, model, optimizer, data, state).fit()
     finally:
-        for s, handler in previous_handlers.items():
-            signal.signal(s, handler)
-        if world > 1:
-            dist.destroy_process_group()
-    return exit_code
-
-
-def check_ranks_agree(model, run, world):
-    """Under DDP every rank must hold the same weights and statistics: compare digests, say so in the log."""
-    import hashlib
-    digest = hashlib.sha256()
-    for value in model.state_dict().values():
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    digests = [None] * world
-    dist.all_gather_object(digests, digest.hexdigest())
-    if len(set(digests)) == 1:
-        run.log(f'weights identical across {world} ranks (sha256 {digests[0][:12]})')
-    else:
-        run.log(f'warning: the {world} ranks ended with different weights ({", ".join(d[:12] for d in digests)})')
-
-
-def train_loop(args, state, run, net, model, optimizer, loss_fn, autocast, sync_flag, sampler, train_images,
-               local_batch, steps_per_epoch, world, rank, device, D, checkpoint, stop_requested, test_bpd,
-               fixed_z, rows):
-    consecutive_bad = torch.zeros((), device=device)
-    skipped = torch.zeros((), device=device)  # skipped steps not yet added to state['skipped']
-
-    def fold_skipped():
-        state['skipped'] += int(skipped.item())
-        skipped.zero_()
-    while state['epoch'] < args.epochs:
-        epoch = state['epoch']
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(sampler), device=device)
-        first = state['step'] - epoch * steps_per_epoch   # batches of this epoch already done (resume)
-        epoch_loss = torch.tensor(state['epoch_loss'], device=device, dtype=torch.float64)
-        epoch_count = torch.tensor(state['epoch_count'], device=device, dtype=torch.float64)
-        model.train()
-        bar = tqdm(range(first, steps_per_epoch), desc=f'epoch {epoch + 1}/{args.epochs}', disable=rank != 0,
-                   initial=first, total=steps_per_epoch, dynamic_ncols=True)
-        t0, seen = time.time(), 0
-        for i in bar:
-            idx = order[i * local_batch:(i + 1) * local_batch]
-            x = train_images[idx].float() / 255.0                  # (b, C, H, W) in [0, 1]
-            loss, bad = train_step(net, optimizer, loss_fn, x, args.max_grad_norm, autocast, sync_flag)
-            good = 1.0 - bad
-            epoch_loss += torch.where(bad > 0, 0.0, loss.double() * len(idx))
-            epoch_count += good * len(idx)
-            consecutive_bad = (consecutive_bad + 1) * bad
-            skipped += bad
-            state['step'] += 1
-            seen += len(idx) * world
-            if state['step'] % args.log_every == 0 or i == steps_per_epoch - 1:
-                bar.set_postfix(bpd=f'{epoch_loss.item() / max(epoch_count.item(), 1) / (D * math.log(2)):.3f}',
-                                img_s=f'{seen / (time.time() - t0):.1f}')
-                if consecutive_bad.item() >= args.max_bad_steps:
-                    bar.close()
-                    run.log(f'stopping: {int(consecutive_bad.item())} steps in a row had a non-finite loss or '
-                            f'gradient (step {state["step"]}); lower --lr or --max-grad-norm. '
-                            f'The last good checkpoint is untouched.')
-                    return 1
-            interrupted = stop_requested()
-            if interrupted or (args.max_steps and state['step'] >= args.max_steps):
-                bar.close()
-                state.update(epoch_loss=epoch_loss.item(), epoch_count=epoch_count.item())
-                fold_skipped()
-                checkpoint(run.path('last.pt'))
-                why = 'interrupted' if interrupted else f'reached --max-steps {args.max_steps}'
-                run.log(f'{why} at step {state["step"]}: saved {run.path("last.pt")}; '
-                        f'continue with --resume {run.path("last.pt")}')
-                return 130 if interrupted else 0
-        bar.close()
-
-        # End of epoch: evaluate, checkpoint, log, plot, sample.
-        totals = torch.stack([epoch_loss, epoch_count])
-        if world > 1:
-            dist.all_reduce(totals)
-        train_bpd = (totals[0] / totals[1]).item() / (D * math.log(2))
-        bpd = test_bpd()
-        epoch_time = time.time() - t0
-        state.update(epoch=epoch + 1, epoch_loss=0.0, epoch_count=0.0)
-        fold_skipped()
-        is_best = bpd < state['best_bpd']
-        if is_best:
-            state['best_bpd'] = bpd
-        checkpoint(run.path('last.pt'), *([run.path('best.pt')] if is_best else []))
-        rows.append(dict(epoch=epoch + 1, step=state['step'], train_bpd=f'{train_bpd:.5f}', test_bpd=f'{bpd:.5f}',
-                         skipped_steps=state['skipped'], seconds=f'{epoch_time:.1f}',
-                         images_per_s=f'{seen / epoch_time:.1f}'))
-        run.write_metrics(rows)
-        run.log(f'epoch {epoch + 1}: train bpd {train_bpd:.4f}, test bpd {bpd:.4f}{" (best)" if is_best else ""}, '
-                f'{epoch_time:.0f}s, {seen / epoch_time:.1f} images/s, {state["skipped"]} skipped steps')
-        if rank == 0 and (epoch == 0 or (epoch + 1) % args.sample_every == 0):
-            save_grid(model.decode(fixed_z).cpu(), run.path(f'samples_epoch{epoch + 1:03d}.png'))
-    run.log(f'done: step {state["step"]}, best test bpd {state["best_bpd"]:.4f}; checkpoints in {run.dir}')
-    return 0
+        dist.close()
 
 
 if __name__ == '__main__':

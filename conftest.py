@@ -1,0 +1,127 @@
+"""Shared test helpers and fixtures: tiny models, brute-force log-determinants, a tiny MNIST in IDX files,
+the scripts run in subprocesses, and a trained run that several tests read."""
+import gzip
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+
+from realnvp import RealNVP
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NOTEBOOK = os.path.join(HERE, '..', 'shared', 'seed', '000_3ef8c274db9a0617.txt')
+TINY = dict(mid_channels=4, num_blocks=1)
+TINY_RUN = ['--image-size', '8', '--mid-channels', '4', '--num-blocks', '1', '--batch-size', '16',
+            '--num-threads', '1']
+OFFLINE = {'http_proxy': 'http://127.0.0.1:9', 'https_proxy': 'http://127.0.0.1:9',
+           'HTTP_PROXY': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9'}
+
+
+# -----------------------------------------------------------------------------
+# models and brute force
+
+
+def perturb_and_settle(model, shape, seed=0, steps=3):
+    """Move the weights off their initial values and the batch-norm statistics off their defaults."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = 0.5
+        for _ in range(steps):
+            x = torch.rand((8, *shape), generator=g, dtype=torch.float64)
+            model(x) if isinstance(model, RealNVP) else model(x, torch.zeros(8, dtype=torch.float64))
+    model.eval()
+    moved = [m.running_var for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all((v - 1).abs().max() > 1e-3 for v in moved), 'batch-norm statistics did not move'
+    return model
+
+
+def tiny_model(channels, size, scales, seed=0):
+    torch.manual_seed(seed)
+    model = RealNVP(in_channels=channels, img_size=size, num_scales=scales, **TINY).double()
+    return perturb_and_settle(model, (channels, size, size), seed)
+
+
+def logdet(f, x):
+    """log|det df/dx| by brute force: the full Jacobian of f at one example x of shape (1, ...)."""
+    D = x.numel()
+    J = jacobian(f, x).reshape(D, D)
+    sign, value = torch.linalg.slogdet(J)
+    assert sign != 0, 'singular Jacobian'
+    return value
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def write_idx(path, array):
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, dtype='>i4').tobytes()
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'wb') as f:
+        f.write(header + array.tobytes())
+
+
+def make_mnist(root, n=20, gz=False, seed=0):
+    """A tiny MNIST in torchvision's layout: root/MNIST/raw/*-idx?-ubyte[.gz], labels 0..9 repeating."""
+    rng = np.random.default_rng(seed)
+    raw = os.path.join(root, 'MNIST', 'raw')
+    os.makedirs(raw, exist_ok=True)
+    suffix = '.gz' if gz else ''
+    for prefix in ('train', 't10k'):
+        images = rng.integers(0, 256, size=(n, 28, 28))
+        write_idx(os.path.join(raw, f'{prefix}-images-idx3-ubyte{suffix}'), images)
+        write_idx(os.path.join(raw, f'{prefix}-labels-idx1-ubyte{suffix}'), np.arange(n) % 10)
+    return root
+
+
+# -----------------------------------------------------------------------------
+# the scripts in subprocesses
+
+
+def script(name, *args, timeout=300):
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', **OFFLINE}
+    return subprocess.run([sys.executable, os.path.join(HERE, name), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=HERE)
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_one_line_error(result, code, *needles):
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert 'Traceback' not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    for needle in needles:
+        assert needle in last, last
+
+
+def assert_same_weights(path_a, path_b):
+    a, b = load(path_a), load(path_b)
+    assert a['step'] == b['step']
+    for key in a['model']:
+        assert torch.equal(a['model'][key], b['model'][key]), key
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return make_mnist(str(tmp_path_factory.mktemp('data')), n=100)
+
+
+@pytest.fixture(scope='module')
+def full_run(data_dir, tmp_path_factory):
+    """An uninterrupted 2-epoch run: 100 images / batch 16 = 7 steps an epoch."""
+    out = str(tmp_path_factory.mktemp('runs') / 'full')
+    result = script('train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 2, *TINY_RUN)
+    assert result.returncode == 0, result.stderr
+    return out
