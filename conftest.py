@@ -107,10 +107,13 @@ def assert_one_line_error(result, code, *needles):
 
 
 def assert_same_weights(path_a, path_b):
+    """Two checkpoints at the same step with the same users' model and, where saved, the same trained model."""
     a, b = load(path_a), load(path_b)
     assert a['step'] == b['step']
-    for key in a['model']:
-        assert torch.equal(a['model'][key], b['model'][key]), key
+    for part in ('model', 'train_model'):
+        assert (part in a) == (part in b), part
+        for key in a.get(part, {}):
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
 
 
 @pytest.fixture(scope='module')

@@ -1,14 +1,19 @@
-"""Bits per dimension of a trained RealNVP on a whole data split, with its standard error.
+"""Bits per dimension of a trained RealNVP on a whole data split, with its standard error, and tools to see
+where the bits go.
 
     python evaluate.py --ckpt runs/x/best.pt                  # test split, K = 1
     python evaluate.py --ckpt runs/x/best.pt --dequant-samples 8 --json
+    python evaluate.py --breakdown                            # bpd = prior + flow + logit + 8 dequantisation
+    python evaluate.py --worst 16 --per-image bpd.csv         # the least likely images, a histogram, every image
 
 With K = --dequant-samples > 1 the estimate is -log mean_k p(x + u_k) over K uniform
 dequantisation draws: a lower bound on the discrete log-likelihood that tightens as K grows.
 """
 import argparse
+import csv
 import json
 import math
+import os
 
 import torch
 
@@ -25,23 +30,86 @@ def build_parser():
     a('--batch-size', type=R.positive_int, default=512, help='images per forward pass (default 512)')
     a('--dequant-samples', type=R.positive_int, default=1, metavar='K',
       help='dequantisation draws per image for the importance-weighted bound (default 1)')
+    a('--breakdown', action='store_true',
+      help='split the bpd into the prior\'s -log N(z), the flow\'s -log|det|, the logit pre-processing\'s '
+           '-log|det| and the 8 bits of the 1/256 dequantisation (one draw: K = 1)')
+    a('--worst', type=R.positive_int, default=None, metavar='N',
+      help='write worst<N>_<split>.png (the N least likely images with their bpd) and bpd_hist_<split>.png')
+    a('--per-image', default=None, metavar='CSV', help='write every image\'s index, label and bpd to this CSV file')
+    a('--out-dir', default=None, help='folder for --worst\'s PNGs (default: the checkpoint\'s folder)')
     a('--data-dir', default=None, help='data folder (default: the one the run trained on)')
     a('--seed', type=int, default=0, help='seed for the dequantisation noise (default 0)')
     a('--device', default=None, help='cpu, cuda, cuda:N or mps (default: the best there is)')
-    a('--json', action='store_true', help='print one JSON object instead of a sentence')
+    a('--json', action='store_true', help='print one JSON object instead of sentences')
     return p
 
 
-def evaluate(model, images, batch_size=512, dequant_samples=1):
-    """(bpd, its standard error) over uint8 images (N, C, H, W)."""
+def per_image_bpd(model, images, batch_size=512, dequant_samples=1):
+    """Each uint8 image's bpd (N,), float64 on the CPU."""
     D = images[0].numel()
-    bpd = R.nll_per_image(model, images, batch_size, dequant_samples).double().cpu() / (D * math.log(2))
-    stderr = bpd.std().item() / math.sqrt(len(bpd)) if len(bpd) > 1 else float('nan')
-    return bpd.mean().item(), stderr
+    return R.nll_per_image(model, images, batch_size, dequant_samples).double().cpu() / (D * math.log(2))
+
+
+def standard_error(values):
+    return values.std().item() / math.sqrt(len(values)) if len(values) > 1 else float('nan')
+
+
+def breakdown(model, images, batch_size=512):
+    """(per-image bpd, {term: mean bpd}) from one dequantisation draw; the terms add up to the bpd."""
+    D = images[0].numel()
+    terms = {k: v.double().cpu() / (D * math.log(2)) for k, v in R.nll_terms_per_image(model, images, batch_size).items()}
+    return sum(terms.values()), {k: v.mean().item() for k, v in terms.items()}
+
+
+def write_worst(images, bpd, n, path):
+    """A PNG grid of the n images with the largest bpd, each titled with its bpd, worst first."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    order = bpd.argsort(descending=True)[:n]
+    cols = min(8, len(order))
+    rows = math.ceil(len(order) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis('off')
+    for ax, i in zip(axes.flat, order.tolist()):
+        image = images[i].permute(1, 2, 0).squeeze(-1).numpy()
+        ax.imshow(image, cmap='gray', vmin=0, vmax=255, interpolation='nearest')
+        ax.set_title(f'#{i}: {bpd[i]:.2f}', fontsize=9)
+    fig.suptitle(f'the {len(order)} least likely images (index: bpd)', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return order
+
+
+def write_histogram(bpd, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(bpd.numpy(), bins=60, log=True)
+    ax.axvline(bpd.mean().item(), color='k', linestyle='--', label=f'mean {bpd.mean().item():.3f}')
+    ax.set_xlabel('bits per dimension')
+    ax.set_ylabel('images (log scale)')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_per_image(labels, bpd, path):
+    with open(path, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['index', 'label', 'bpd'])
+        writer.writerows((i, int(label), f'{b:.6f}') for i, (label, b) in enumerate(zip(labels.tolist(), bpd.tolist())))
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.breakdown and args.dequant_samples > 1:
+        parser.error('--breakdown splits one dequantisation draw; drop --dequant-samples')
     try:
         device = R.pick_device(args.device)
         ckpt_path = args.ckpt or R.find_checkpoint(args.runs_dir)
@@ -51,17 +119,52 @@ def main(argv=None):
         R.die('evaluate.py', e)
     if data.images.shape[1] != model.config.in_channels:
         R.die('evaluate.py', f'the data has {data.images.shape[1]} channels, the model {model.config.in_channels}')
-    images = data.images[:args.limit]
+    images, labels = data.images[:args.limit], data.labels[:args.limit]
     torch.manual_seed(args.seed)
-    bpd, stderr = evaluate(model, images, args.batch_size, args.dequant_samples)
-    result = dict(bpd=bpd, stderr=stderr, split=args.split, images=len(images), dequant_samples=args.dequant_samples,
-                  ckpt=ckpt_path, epoch=ckpt.get('epoch'), step=ckpt.get('step'))
+    terms = None
+    if args.breakdown:
+        bpd, terms = breakdown(model, images, args.batch_size)
+    else:
+        bpd = per_image_bpd(model, images, args.batch_size, args.dequant_samples)
+    result = dict(bpd=bpd.mean().item(), stderr=standard_error(bpd), worst_bpd=bpd.max().item(), split=args.split,
+                  images=len(images), dequant_samples=args.dequant_samples, ckpt=ckpt_path, epoch=ckpt.get('epoch'),
+                  step=ckpt.get('step'))
+    if terms:
+        result['breakdown'] = terms
+    result.update(write_outputs(args, ckpt_path, images, labels, bpd))
+    report(args, result)
+    return 0
+
+
+def write_outputs(args, ckpt_path, images, labels, bpd):
+    """The files that --worst and --per-image ask for; {what: path}."""
+    written = {}
+    if args.worst:
+        out_dir = args.out_dir or os.path.dirname(os.path.abspath(ckpt_path))
+        os.makedirs(out_dir, exist_ok=True)
+        written['worst_png'] = os.path.join(out_dir, f'worst{args.worst}_{args.split}.png')
+        order = write_worst(images, bpd, args.worst, written['worst_png'])
+        written['worst_indices'] = order.tolist()
+        written['histogram_png'] = os.path.join(out_dir, f'bpd_hist_{args.split}.png')
+        write_histogram(bpd, written['histogram_png'])
+    if args.per_image:
+        write_per_image(labels, bpd, args.per_image)
+        written['per_image_csv'] = args.per_image
+    return written
+
+
+def report(args, result):
     if args.json:
         print(json.dumps(result))
-    else:
-        print(f'{args.split} bpd {bpd:.4f} ± {stderr:.4f} (standard error, {len(images)} images, '
-              f'K = {args.dequant_samples}) for {ckpt_path} (epoch {result["epoch"]}, step {result["step"]})')
-    return 0
+        return
+    print(f'{args.split} bpd {result["bpd"]:.4f} ± {result["stderr"]:.4f} (standard error, {result["images"]} images, '
+          f'K = {args.dequant_samples}; worst image {result["worst_bpd"]:.2f}) for {result["ckpt"]} '
+          f'(epoch {result["epoch"]}, step {result["step"]})')
+    for name, value in result.get('breakdown', {}).items():
+        print(f'  {name:<15} {value:8.4f} bits/dim')
+    for key in ('worst_png', 'histogram_png', 'per_image_csv'):
+        if key in result:
+            print(f'wrote {result[key]}')
 
 
 if __name__ == '__main__':

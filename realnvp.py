@@ -7,7 +7,8 @@ order of the lecture notebook (Lecture 8: Normalizing Flows):
     2. s/t networks              Rescale, WNConv2d, ResidualBlock, ResNet
     3. coupling                  CouplingLayer
     4. multi-scale model         RealNVPConfig, _RealNVP, RealNVP
-    5. loss and metrics          RealNVPLoss, bits_per_dim, get_param_groups
+    5. loss and optimisation     RealNVPLoss, nll_terms, bits_per_dim, get_param_groups, WeightAverage,
+                                 refresh_batch_norm
     6. data                      ImageDataset (MNIST, CIFAR-10), DataNotFoundError
     7. shared by the scripts     nll_per_image, save_grid, pick_device, checkpoints
     8. command-line helpers      argparse types, add_model_args, config_from_args, die
@@ -16,10 +17,12 @@ Direction convention, everywhere: `reverse=False` maps data -> latent and adds
 log|det J| to `sldj`; `reverse=True` maps latent -> data and leaves `sldj` alone.
 """
 import argparse
+import copy
 import gzip
 import math
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -343,12 +346,8 @@ class RealNVP(nn.Module):
     @torch.no_grad()
     def decode(self, z):
         """Latents (n, C, H, W) -> images in [0, 1], in eval mode; the model's mode is restored."""
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             y, _ = self(z, reverse=True)
-        finally:
-            self.train(was_training)
         return self.postprocess(y)
 
     def sample(self, n, temperature=1.0, generator=None):
@@ -379,6 +378,22 @@ class RealNVPLoss(nn.Module):
         return nll.mean() if self.reduction == 'mean' else nll
 
 
+def nll_terms(model, x, noise=None):
+    """Each image's NLL in nats, split into the terms that add up to it (one dequantisation draw u):
+
+        prior           -log N(z; 0, I)                 the latent's Gaussian density
+        flow            -log|det dz/dy|                 the couplings (and squeezes: they add nothing)
+        logit           -log|det dy/dv|                 the logit pre-processing, v = (255x + u)/256
+        dequantisation  D log 256                       v's bins are 1/256 wide: 8 bits a dimension
+
+    Their sum is RealNVPLoss(reduction='none') of model(x, noise=noise)."""
+    y, ldj_logit = model.preprocess(x, noise)
+    z, ldj_flow = model.flows(y, torch.zeros_like(ldj_logit))
+    prior = 0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(1).sum(-1)
+    return dict(prior=prior, flow=-ldj_flow, logit=-ldj_logit,
+                dequantisation=torch.full_like(prior, x[0].numel() * math.log(256)))
+
+
 def bits_per_dim(x, nll):
     """bpd = nll / (D ln 2), D = C*H*W of `x` (a batch or a shape's worth of tensor)."""
     D = x[0].numel()
@@ -403,6 +418,53 @@ def get_param_groups(model, weight_decay):
 def make_optimizer(model, lr, weight_decay, device):
     """Adam over `get_param_groups`, fused where PyTorch has a fused kernel (CUDA, CPU)."""
     return torch.optim.Adam(get_param_groups(model, weight_decay), lr=lr, fused=torch.device(device).type in ('cuda', 'cpu'))
+
+
+class WeightAverage:
+    """Polyak averaging of a model's weights (Polyak & Juditsky 1992; as in Glow's and Flow++'s successors).
+
+    `model` is a full copy of the trained model whose parameters follow, after optimizer step t,
+        a <- d_t a + (1 - d_t) w,   d_t = min(decay, (1 + t) / (10 + t)),
+    so early on it averages over the few steps there are, later over about 1 / (1 - decay) steps.
+    With decay 0 it is the trained weights. Its batch-norm statistics are not averaged: set them
+    with `refresh_batch_norm` (or copy the trained model's) before using it."""
+
+    def __init__(self, model, decay):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f'the weight average\'s decay must lie in [0, 1), got {decay!r}')
+        self.decay = decay
+        self.model = copy.deepcopy(model).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        averaged = list(self.model.parameters())
+        torch._foreach_lerp_(averaged, [p.detach() for p in model.parameters()], 1.0 - d)
+
+
+def batch_norms(model):
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def refresh_batch_norm(model, batches):
+    """Recompute every batch-norm running statistic of `model` for its current weights: the plain average
+    of the batch statistics over `batches` ((x in [0, 1], noise u) pairs), in train mode without gradients.
+    Eval mode then uses statistics of these weights, not an exponential average over weights long gone."""
+    norms = batch_norms(model)
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+    was_training = model.training
+    model.train()
+    try:
+        for x, noise in batches:
+            model(x, noise=noise, validate=False)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
 
 
 # -----------------------------------------------------------------------------
@@ -521,6 +583,17 @@ class ImageDataset(torch.utils.data.Dataset):
 # 7. Evaluation, devices and checkpoints (shared by train.py, sample.py, evaluate.py)
 
 
+@contextmanager
+def eval_mode(model):
+    """Run a block with `model` in eval mode, then put back the mode it had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def nll_per_image(model, images, batch_size=512, dequant_samples=1):
     """NLL in nats of each uint8 image (N, C, H, W), in eval mode; the model's mode is restored.
@@ -529,23 +602,34 @@ def nll_per_image(model, images, batch_size=512, dequant_samples=1):
     (logsumexp over K dequantisation draws), which is no looser than K = 1."""
     device = next(model.parameters()).device
     loss_fn = RealNVPLoss(reduction='none')
-    was_training = model.training
-    model.eval()
     out = []
-    try:
+    with eval_mode(model):
         for batch in images.split(batch_size):
             x = batch.to(device).float() / 255.0                     # (b, C, H, W) in [0, 1]
             draws = torch.stack([loss_fn(*model(x, validate=False)) for _ in range(dequant_samples)])  # (K, b)
             out.append(-(torch.logsumexp(-draws, dim=0) - math.log(dequant_samples)))
-    finally:
-        model.train(was_training)
     return torch.cat(out)
 
 
-def save_grid(images, path, nrow=None):
-    """Images (n, C, H, W) in [0, 1] as one PNG grid, `nrow` to a row (default: as square as it gets)."""
-    from torchvision.utils import save_image
-    save_image(images, path, nrow=nrow or math.ceil(math.sqrt(len(images))), padding=1, pad_value=1.0)
+@torch.no_grad()
+def nll_terms_per_image(model, images, batch_size=512):
+    """`nll_terms` of each uint8 image (N, C, H, W), one dequantisation draw, in eval mode: {term: (N,)}."""
+    device = next(model.parameters()).device
+    parts = []
+    with eval_mode(model):
+        for batch in images.split(batch_size):
+            parts.append(nll_terms(model, batch.to(device).float() / 255.0))
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+
+def save_grid(images, path, nrow=None, scale=None):
+    """Images (n, C, H, W) in [0, 1] as one PNG grid, `nrow` to a row (default: as square as it gets),
+    enlarged `scale` times with nearest-neighbour pixels (default: the least whole factor that makes a
+    cell at least 56 pixels high, so a 14x14 digit can be seen)."""
+    from torchvision.utils import make_grid, save_image
+    grid = make_grid(images, nrow=nrow or math.ceil(math.sqrt(len(images))), padding=1, pad_value=1.0)
+    scale = scale or max(1, math.ceil(56 / images.shape[-2]))
+    save_image(grid.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1), path)
 
 
 def pick_device(name=None):

@@ -27,6 +27,8 @@ def build_parser():
     a('--pairs', type=R.positive_int, default=4, help='with --interpolate: pairs of test images, one per row (default 4)')
     a('--steps', type=R.positive_int, default=8, help='with --interpolate: images per row, ends included (default 8)')
     a('--data-dir', default=None, help='with --interpolate: data folder (default: the one the run trained on)')
+    a('--scale', type=R.positive_int, default=None,
+      help='enlarge the PNG this many times, nearest-neighbour (default: so each image is at least 56 pixels)')
     return p
 
 
@@ -79,7 +81,7 @@ def main(argv=None):
         default_name = f'samples_n{args.n}_t{args.temperature:g}_s{args.seed}.png'
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), default_name)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    R.save_grid(images.cpu(), out, nrow=nrow)
+    R.save_grid(images.cpu(), out, nrow=nrow, scale=args.scale)
     print(f'wrote {out} ({len(images)} images from {ckpt_path})')
     return 0
 

@@ -337,6 +337,90 @@ def test_short_training_run_lowers_the_loss():
     assert last < first - 0.1 * abs(first), (first, last)
 
 
+
+def test_nll_terms_add_up_and_each_matches_a_direct_computation():
+    model = tiny_model(1, 4, 2)
+    x = torch.randint(0, 256, (1, 1, 4, 4)).double() / 255
+    u = torch.rand_like(x)
+    terms = realnvp.nll_terms(model, x, noise=u)
+    D = x.numel()
+    total = sum(terms.values())
+    assert torch.allclose(total, RealNVPLoss(reduction='none')(*model(x, noise=u)), rtol=0, atol=1e-10)
+    y, _ = model.preprocess(x, u)
+    z, _ = model.flows(y, torch.zeros(1, dtype=torch.float64))
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    assert abs(terms['prior'].item() + normal.log_prob(z).sum().item()) < 1e-10
+    flow = logdet(lambda v: model.flows(v, torch.zeros(1, dtype=torch.float64))[0], y)
+    assert abs(terms['flow'].item() + flow.item()) < 1e-9
+    logit = logdet(lambda vv: model.preprocess(torch.zeros_like(vv), 256 * vv)[0], (255 * x + u) / 256)
+    assert abs(terms['logit'].item() + logit.item()) < 1e-10
+    assert terms['dequantisation'].item() / (D * math.log(2)) == pytest.approx(8.0, abs=1e-12)
+
+
+def test_weight_average_follows_its_update_rule_exactly():
+    torch.manual_seed(0)
+    model = RealNVP(img_size=4, **TINY).double()
+    average = realnvp.WeightAverage(model, decay=0.9)
+    expected = [p.detach().clone() for p in model.parameters()]
+    for step in range(1, 40):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        average.update(model, step)
+        d = min(0.9, (1 + step) / (10 + step))
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, model.parameters())]
+    for got, want in zip(average.model.parameters(), expected):
+        assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    assert not any(p.requires_grad for p in average.model.parameters())
+    # decay 0 is the trained weights themselves
+    plain = realnvp.WeightAverage(model, decay=0.0)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    plain.update(model, 1)
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), model.parameters()))
+    with pytest.raises(ValueError, match='decay'):
+        realnvp.WeightAverage(model, decay=1.0)
+
+
+def test_refreshed_batch_norm_makes_eval_mode_match_train_mode():
+    """After a refresh on a batch, eval mode (running statistics) gives the NLL that train mode (batch statistics)
+    gives for the same images and noise: exactly, once BatchNorm's unbiased running variance (n / (n - 1)) is
+    undone, and within 1% as it is; the stale statistics the model had are far off."""
+    model = tiny_model(1, 8, 2)   # statistics settled on other batches and other weights
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.1)
+    x = torch.randint(0, 256, (256, 1, 8, 8)).double() / 255
+    u = torch.rand_like(x)
+    loss_fn = RealNVPLoss(reduction='none')
+    counts = {}
+    hooks = [m.register_forward_hook(lambda m, inp, out: counts.__setitem__(m, inp[0].numel() // inp[0].shape[1]))
+             for m in realnvp.batch_norms(model)]
+    with torch.no_grad():
+        model.train()
+        train_nll = loss_fn(*model(x, noise=u))
+        for h in hooks:
+            h.remove()
+        model.eval()
+        stale_nll = loss_fn(*model(x, noise=u))
+        momenta = [m.momentum for m in realnvp.batch_norms(model)]
+        realnvp.refresh_batch_norm(model, [(x, u)])
+        assert not model.training and [m.momentum for m in realnvp.batch_norms(model)] == momenta
+        eval_nll = loss_fn(*model(x, noise=u))
+        for m in realnvp.batch_norms(model):
+            m.running_var.mul_((counts[m] - 1) / counts[m])
+        biased_nll = loss_fn(*model(x, noise=u))
+    assert (biased_nll - train_nll).abs().max() < 1e-9 * train_nll.abs().max()
+    assert ((eval_nll - train_nll) / train_nll).abs().max() < 0.01
+    assert ((stale_nll - train_nll) / train_nll).abs().max() > 0.5
+    # several batches: the plain average of their statistics
+    halves = [(x[:128], u[:128]), (x[128:], u[128:])]
+    realnvp.refresh_batch_norm(model, halves)
+    first = realnvp.batch_norms(model)[0]    # the first coupling's s/t net sees the masked logits y * b
+    b = checkerboard_mask(8, 8, dtype=torch.float64)
+    means = [(model.preprocess(xx, uu)[0] * b).mean() for xx, uu in halves]
+    assert torch.allclose(first.running_mean, torch.stack(means).mean().reshape(1), rtol=0, atol=1e-12)
+
 # -----------------------------------------------------------------------------
 # 6. data
 
@@ -569,12 +653,19 @@ def test_sample_writes_a_grid_of_the_right_size(full_run, tmp_path):
     result = script('sample.py', '--ckpt', os.path.join(full_run, 'best.pt'), '--n', 9, '--out', out)
     assert result.returncode == 0, result.stderr
     assert out in result.stdout
-    assert Image.open(out).size == (3 * 9 + 1, 3 * 9 + 1)   # 3x3 tiles of 8 pixels, 1-pixel padding
+    # 3x3 tiles of 8 pixels with 1-pixel padding, enlarged 7 times: cells of at least 56 pixels
+    assert Image.open(out).size == (7 * (3 * 9 + 1), 7 * (3 * 9 + 1))
+    small = str(tmp_path / 'small.png')
+    assert script('sample.py', '--ckpt', os.path.join(full_run, 'best.pt'), '--n', 9, '--out', small,
+                  '--scale', 1).returncode == 0
+    assert Image.open(small).size == (3 * 9 + 1, 3 * 9 + 1)
+    big, little = np.asarray(Image.open(out)), np.asarray(Image.open(small))
+    assert np.array_equal(big[::7, ::7], little)   # nearest-neighbour: every pixel becomes a 7x7 block
     interp = str(tmp_path / 'interp.png')
     result = script('sample.py', '--ckpt', os.path.join(full_run, 'best.pt'), '--interpolate', '--pairs', 2,
                     '--steps', 5, '--out', interp)
     assert result.returncode == 0, result.stderr
-    assert Image.open(interp).size == (5 * 9 + 1, 2 * 9 + 1)
+    assert Image.open(interp).size == (7 * (5 * 9 + 1), 7 * (2 * 9 + 1))
 
 
 @pytest.mark.slow
@@ -617,6 +708,49 @@ def test_importance_weighted_bound_is_no_worse_on_the_same_draws(full_run, data_
     # and it is the log-mean-exp of those same draws
     assert torch.allclose(k4, -(torch.logsumexp(-singles, 0) - math.log(4)), atol=1e-4)
 
+
+
+@pytest.mark.slow
+def test_evaluate_breakdown_worst_and_per_image(full_run, data_dir, tmp_path):
+    ckpt = os.path.join(full_run, 'best.pt')
+    csv_path = tmp_path / 'bpd.csv'
+    result = script('evaluate.py', '--ckpt', ckpt, '--data-dir', data_dir, '--json', '--seed', 4, '--breakdown',
+                    '--worst', 5, '--per-image', csv_path, '--out-dir', tmp_path)
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout)
+    # the terms add up to the bpd, and the 1/256 dequantisation is 8 bits a dimension
+    assert abs(sum(r['breakdown'].values()) - r['bpd']) < 1e-9
+    assert set(r['breakdown']) == {'prior', 'flow', 'logit', 'dequantisation'}
+    assert r['breakdown']['dequantisation'] == pytest.approx(8.0, abs=1e-6)   # float32 here; 1e-12 in float64 above
+    # the CSV holds every image; --worst names the 5 with the largest NLL, computed here directly
+    rows = open(csv_path).read().strip().splitlines()
+    assert rows[0] == 'index,label,bpd' and len(rows) == 101
+    per_image = torch.tensor([float(row.split(',')[2]) for row in rows[1:]], dtype=torch.float64)
+    labels = [int(row.split(',')[1]) for row in rows[1:]]
+    assert labels == [i % 10 for i in range(100)]
+    model, _ = realnvp.load_checkpoint(ckpt)
+    images = ImageDataset('mnist', data_dir, train=False, img_size=8, download=False).images
+    torch.manual_seed(4)
+    with torch.no_grad():   # the same noise draw: one batch, one torch.rand_like
+        direct = RealNVPLoss(reduction='none')(*model(images.float() / 255)).double() / (64 * math.log(2))
+    assert torch.allclose(per_image, direct, atol=1e-5)
+    assert r['worst_indices'] == direct.argsort(descending=True)[:5].tolist()
+    assert abs(r['worst_bpd'] - direct.max().item()) < 1e-5
+    from PIL import Image
+    for key in ('worst_png', 'histogram_png'):
+        assert Image.open(r[key]).size[0] >= 400, key
+    assert_one_line_error(script('evaluate.py', '--ckpt', ckpt, '--breakdown', '--dequant-samples', 2), 2,
+                          '--breakdown')
+
+
+def test_recipes_fill_what_no_flag_gives():
+    import train
+    parser = train.build_parser()
+    args, _, _ = train.parse_args(parser, [])
+    assert args.recipe == 'default'
+    assert {k: getattr(args, k) for k in train.RECIPES['default']} == train.RECIPES['default']
+    args, _, _ = train.parse_args(parser, ['--recipe', 'lecture', '--lr', '3e-4'])
+    assert (args.lr, args.weight_decay, args.warmup_steps, args.ema_decay, args.bn_refresh) == (3e-4, 0.0, 0, 0.0, 0)
 
 # -----------------------------------------------------------------------------
 # bad input: one clear line, the right exit code, and nothing saved is touched

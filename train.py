@@ -30,14 +30,39 @@ from tqdm import tqdm
 import realnvp as R
 
 
+# The training recipes: settings that --recipe fills in where no flag gives them.
+RECIPES = {
+    'default': dict(lr=1e-3, weight_decay=5e-5, warmup_steps=100, ema_decay=0.999, bn_refresh=20),
+    'lecture': dict(lr=1e-3, weight_decay=0.0, warmup_steps=0, ema_decay=0.0, bn_refresh=0),
+}
+OLD_RECIPE = 'lecture'  # the recipe of checkpoints written before --recipe existed
+
+
+def unit_interval(text):
+    return R._number(float, text, lambda v: 0.0 <= v < 1.0, 'a number in [0, 1)')
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a('--epochs', type=R.non_negative_int, default=10, help='passes over the training set (default 10)')
     a('--batch-size', type=R.positive_int, default=128, help='images per optimizer step, over all processes (default 128)')
-    a('--lr', type=R.positive_float, default=1e-3, help='Adam learning rate (default 1e-3)')
-    a('--weight-decay', type=R.non_negative_float, default=5e-5,
-      help='L2 penalty on the weight-norm scales only, as in the RealNVP paper (default 5e-5)')
+    a('--recipe', choices=tuple(RECIPES), default=None,
+      help='default: warm-up, a weight average and batch-norm statistics recomputed for it (see README); '
+           'lecture: the lecture notebook\'s Adam at 1e-3 and nothing else. The flags below marked [recipe] '
+           'override single settings of it (default: default)')
+    a('--lr', type=R.positive_float, default=None, help='[recipe] Adam learning rate (default 1e-3; lecture 1e-3)')
+    a('--weight-decay', type=R.non_negative_float, default=None,
+      help='[recipe] L2 penalty on the weight-norm scales only, as in the RealNVP paper (default 5e-5; lecture 0)')
+    a('--warmup-steps', type=R.non_negative_int, default=None, metavar='N',
+      help='[recipe] raise the learning rate linearly over the first N steps (default 100; lecture 0)')
+    a('--ema-decay', type=unit_interval, default=None, metavar='D',
+      help='[recipe] evaluate, sample and save the average of the weights over about 1/(1-D) steps; 0 keeps '
+           'the trained weights (default 0.999; lecture 0)')
+    a('--bn-refresh', type=R.non_negative_int, default=None, metavar='N',
+      help='[recipe] before each evaluation, sample grid and checkpoint, recompute the batch-norm statistics of '
+           'the weights that are saved over N training batches; 0 keeps the running averages (default 20; '
+           'lecture 0)')
     a('--max-grad-norm', type=R.positive_float, default=100.0, help='clip the gradient norm to this (default 100)')
     R.add_model_args(p)
     a('--digits', type=int, nargs='+', default=None, metavar='D',
@@ -68,9 +93,10 @@ def build_parser():
 # ones belong to this invocation alone. Every flag of build_parser() is in exactly one (tested).
 FROZEN, KEPT, PER_RUN = 'frozen', 'kept', 'per-run'
 RESUME_POLICY = {
-    **dict.fromkeys(('batch_size', 'lr', 'weight_decay', 'max_grad_norm', 'num_scales', 'mid_channels',
-                     'num_blocks', 'image_size', 'digits', 'dataset', 'seed', 'amp'), FROZEN),
-    **dict.fromkeys(('epochs', 'sample_every', 'log_every', 'max_bad_steps', 'data_dir'), KEPT),
+    **dict.fromkeys(('batch_size', 'recipe', 'lr', 'weight_decay', 'warmup_steps', 'ema_decay', 'max_grad_norm',
+                     'num_scales', 'mid_channels', 'num_blocks', 'image_size', 'digits', 'dataset', 'seed', 'amp'),
+                    FROZEN),
+    **dict.fromkeys(('epochs', 'sample_every', 'log_every', 'max_bad_steps', 'data_dir', 'bn_refresh'), KEPT),
     **dict.fromkeys(('out_dir', 'resume', 'max_steps', 'device', 'compile', 'num_threads'), PER_RUN),
 }
 
@@ -87,6 +113,7 @@ def parse_args(parser, argv=None):
     args = parser.parse_args(argv)
     try:
         ckpt = apply_resume_policy(args, given_flags(parser, argv))
+        fill_recipe(args)
         R.config_from_args(args)  # the architecture can take these sizes
         if args.out_dir and not args.resume:
             for name in ('last.pt', 'best.pt'):
@@ -103,7 +130,8 @@ def apply_resume_policy(args, given):
     if not args.resume:
         return None
     _, ckpt = R.load_checkpoint(args.resume)  # one-line errors for a missing, corrupt or misfitting file
-    saved = ckpt.get('args', {})
+    recipe = ckpt.get('args', {}).get('recipe') or OLD_RECIPE
+    saved = {**RECIPES[recipe], **ckpt.get('args', {}), 'recipe': recipe}
     for key, policy in RESUME_POLICY.items():
         if policy == FROZEN and key in given and getattr(args, key) != saved.get(key):
             raise ValueError(f'--{key.replace("_", "-")} differs from the checkpoint\'s ({saved.get(key)!r}); '
@@ -113,6 +141,14 @@ def apply_resume_policy(args, given):
     if args.out_dir is None:
         args.out_dir = os.path.dirname(os.path.abspath(args.resume))
     return ckpt
+
+
+def fill_recipe(args):
+    """Settings no flag (and no checkpoint) gave come from --recipe."""
+    args.recipe = args.recipe or 'default'
+    for key, value in RECIPES[args.recipe].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def new_run_dir():
@@ -333,6 +369,14 @@ class TrainState:
 
 
 @dataclass
+class Learner:
+    """What training changes: the model, its optimizer, and the average of its weights."""
+    model: R.RealNVP
+    optimizer: torch.optim.Optimizer
+    average: R.WeightAverage
+
+
+@dataclass
 class Data:
     """The data as uint8 on the device: the whole training split, and this process's share of the test split."""
     train: torch.Tensor
@@ -350,9 +394,10 @@ class Stop(Enum):
 class Trainer:
     """The steps of a run: train epochs, end each one (evaluate, checkpoint, log, plot, sample), save, stop."""
 
-    def __init__(self, args, run, dist, model, optimizer, data, state):
-        self.args, self.run, self.dist, self.state = args, run, dist, state
-        self.model, self.optimizer, self.data = model, optimizer, data
+    def __init__(self, args, run, dist, learner, data, state):
+        self.args, self.run, self.dist, self.state, self.data = args, run, dist, state, data
+        self.model, self.optimizer, self.average = learner.model, learner.optimizer, learner.average
+        model = self.model
         self.device = dist.device
         net = dist.wrap(model)
         self.net = torch.compile(net) if args.compile else net
@@ -428,8 +473,12 @@ class Trainer:
 
     def step(self, idx):
         x = self.data.train[idx].float() / 255.0                     # (b, C, H, W) in [0, 1]
+        warmup = self.args.warmup_steps
+        for group in self.optimizer.param_groups:
+            group['lr'] = self.args.lr * min(1.0, (self.state.step + 1) / warmup) if warmup else self.args.lr
         loss, bad = train_step(self.net, self.optimizer, self.loss_fn, x, self.args.max_grad_norm, self.autocast,
                                self.dist)
+        self.average.update(self.model, self.state.step + 1)
         self.totals += torch.stack([torch.where(bad > 0, 0.0, loss.double() * len(idx)),
                                     (1.0 - bad).double() * len(idx)])
         self.consecutive_bad = (self.consecutive_bad + 1) * bad
@@ -461,14 +510,15 @@ class Trainer:
         s = self.state
         loss, count = self.dist.all_reduce(self.totals).tolist()
         train_bpd = loss / count / self.nats_per_bpd
-        bpd = self.test_bpd()
+        users = self.users_model()
+        bpd = self.test_bpd(users)
         epoch_time = time.time() - self.t0
         s.epoch, s.epoch_loss, s.epoch_count = s.epoch + 1, 0.0, 0.0
         self._fold_skipped()
         is_best = bpd < s.best_bpd
         if is_best:
             s.best_bpd = bpd
-        self.save(self.run.path('last.pt'), *([self.run.path('best.pt')] if is_best else []))
+        self.save(users, self.run.path('last.pt'), *([self.run.path('best.pt')] if is_best else []))
         self.rows.append(dict(epoch=s.epoch, step=s.step, train_bpd=f'{train_bpd:.5f}', test_bpd=f'{bpd:.5f}',
                               skipped_steps=s.skipped, seconds=f'{epoch_time:.1f}',
                               images_per_s=f'{self.seen / epoch_time:.1f}'))
@@ -476,26 +526,48 @@ class Trainer:
         self.run.log(f'epoch {s.epoch}: train bpd {train_bpd:.4f}, test bpd {bpd:.4f}{" (best)" if is_best else ""}, '
                      f'{epoch_time:.0f}s, {self.seen / epoch_time:.1f} images/s, {s.skipped} skipped steps')
         if self.run.active and (s.epoch == 1 or s.epoch % self.args.sample_every == 0):
-            R.save_grid(self.model.decode(self.fixed_z).cpu(), self.run.path(f'samples_epoch{s.epoch:03d}.png'))
+            R.save_grid(users.decode(self.fixed_z).cpu(), self.run.path(f'samples_epoch{s.epoch:03d}.png'))
 
-    def test_bpd(self):
-        """Test bpd over the whole test split (each process evaluates its share), in eval mode."""
+    def users_model(self):
+        """The model that evaluation, sample grids and checkpoints get: the weight average, with batch-norm
+        statistics recomputed for its weights over --bn-refresh training batches (with 0, the trained model's
+        running statistics). The trained model itself is left as it is, so training goes on unchanged."""
         self.dist.average_buffers(self.model)
-        nll = R.nll_per_image(self.model, self.data.test, batch_size=512).double()
+        users = self.average.model
+        if self.args.bn_refresh:
+            R.refresh_batch_norm(users, self.refresh_batches())
+        else:
+            for mine, trained in zip(users.buffers(), self.model.buffers()):
+                mine.copy_(trained)
+        return users
+
+    def refresh_batches(self):
+        """--bn-refresh batches of training images with their dequantisation noise, drawn from a generator
+        seeded by the seed and the step: the same on every rank and after a resume, and the training
+        random numbers are not touched."""
+        g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.step)
+        n = min(len(self.data.train), self.args.bn_refresh * self.args.batch_size)
+        for idx in torch.randperm(len(self.data.train), generator=g)[:n].split(self.args.batch_size):
+            x = self.data.train[idx.to(self.device)].float() / 255.0
+            yield x, torch.rand(x.shape, generator=g).to(self.device)
+
+    def test_bpd(self, users):
+        """Test bpd of the users' model over the whole test split (each process evaluates its share)."""
+        nll = R.nll_per_image(users, self.data.test, batch_size=512).double()
         total = self.dist.all_reduce(torch.stack([nll.sum(), torch.tensor(float(len(nll)), device=self.device,
                                                                           dtype=torch.float64)]))
         return (total[0] / total[1]).item() / self.nats_per_bpd
 
-    def save(self, *paths):
-        """One checkpoint (config, weights, optimizer, arguments, every rank's RNG, TrainState) to `paths`."""
-        self.dist.average_buffers(self.model)
+    def save(self, users, *paths):
+        """One checkpoint to `paths`: the config, the users' model (`model`: what sample.py and evaluate.py
+        load), the trained model and optimizer, the arguments, every rank's RNG and the TrainState."""
         rng = {'cpu': torch.get_rng_state(),
                'cuda': torch.cuda.get_rng_state(self.device) if self.device.type == 'cuda' else None}
         rngs = self.dist.gather(rng)
         if self.run.active:
-            obj = dict(config=asdict(self.model.config), model=self.model.state_dict(),
-                       optimizer=self.optimizer.state_dict(), args=vars(self.args), rng=rngs,
-                       world_size=self.dist.world, **asdict(self.state))
+            obj = dict(config=asdict(self.model.config), model=users.state_dict(),
+                       train_model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                       args=vars(self.args), rng=rngs, world_size=self.dist.world, **asdict(self.state))
             for path in paths:
                 R.save_checkpoint(obj, path)
 
@@ -510,7 +582,7 @@ class Trainer:
                          f'gradient (step {s.step}); lower --lr or --max-grad-norm. '
                          f'The last good checkpoint is untouched.')
             return 1
-        self.save(last)
+        self.save(self.users_model(), last)
         why = 'interrupted' if stop == Stop.INTERRUPTED else f'reached --max-steps {self.args.max_steps}'
         self.run.log(f'{why} at step {s.step}: saved {last}; continue with --resume {last}')
         return 130 if stop == Stop.INTERRUPTED else 0
@@ -531,13 +603,16 @@ def load_data(args, dist):
                 n_test=len(test_set))
 
 
-def restore(ckpt, model, optimizer, dist, seed):
-    """The TrainState to start from: fresh, or the checkpoint's with its weights, optimizer and this rank's RNG."""
+def restore(ckpt, learner, dist, seed):
+    """The TrainState to start from: fresh, or the checkpoint's, with its trained weights and weight average,
+    optimizer and this rank's RNG. (First-round checkpoints hold only the trained weights: the average starts
+    from them.)"""
     torch.manual_seed(seed + dist.rank)  # dequantisation noise differs per rank
     if ckpt is None:
         return TrainState()
-    model.load_state_dict(ckpt['model'])
-    optimizer.load_state_dict(ckpt['optimizer'])
+    learner.model.load_state_dict(ckpt.get('train_model', ckpt['model']))
+    learner.average.model.load_state_dict(ckpt['model'])
+    learner.optimizer.load_state_dict(ckpt['optimizer'])
     rng = ckpt['rng'][min(dist.rank, len(ckpt['rng']) - 1)]   # a run resumed on fewer processes takes rank 0's
     torch.set_rng_state(rng['cpu'])
     if dist.device.type == 'cuda' and rng['cuda'] is not None:
@@ -559,10 +634,11 @@ def main(argv=None):
         run = Run(args.out_dir, active=dist.rank == 0)
         torch.manual_seed(args.seed)
         model = R.RealNVP(R.config_from_args(args)).to(dist.device)
-        optimizer = R.make_optimizer(model, args.lr, args.weight_decay, dist.device)
-        state = restore(ckpt, model, optimizer, dist, args.seed)
+        learner = Learner(model, R.make_optimizer(model, args.lr, args.weight_decay, dist.device),
+                          R.WeightAverage(model, args.ema_decay))
+        state = restore(ckpt, learner, dist, args.seed)
         torch.backends.cudnn.benchmark = dist.device.type == 'cuda'
-        return Trainer(args, run, dist, model, optimizer, data, state).fit()
+        return Trainer(args, run, dist, learner, data, state).fit()
     finally:
         dist.close()
 
