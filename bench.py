@@ -147,6 +147,11 @@ def measure_training(args, config, device):
     for _ in range(args.warmup):
         step()
     train_s = timed(step, device, args.steps)
+    average = R.WeightAverage(model, 0.999)
+    ema_s = timed(lambda: average.update(model, 1000), device, args.steps)
+    noise = torch.rand(images.shape, device=device)
+    refresh_s = timed(lambda: R.refresh_batch_norm(average.model, [(images.float() / 255.0, noise)]), device,
+                      max(2, args.steps // 2))
     with autocast:
         sample_s = timed(lambda: model.sample(args.batch_size), device, max(2, args.steps // 2))
         eval_s = timed(lambda: R.nll_per_image(model, images, batch_size=args.batch_size), device,
@@ -156,6 +161,7 @@ def measure_training(args, config, device):
     else:
         peak_mb, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'process RSS'  # Linux KiB
     return dict(train_images_per_s=args.batch_size / train_s, train_step_s=train_s,
+                ema_update_share_of_step=ema_s / train_s, bn_refresh_batch_share_of_step=refresh_s / train_s,
                 sample_images_per_s=args.batch_size / sample_s, eval_images_per_s=args.batch_size / eval_s,
                 peak_memory_mb=peak_mb, peak_memory_kind=kind)
 
@@ -200,6 +206,8 @@ TABLE = [
     ('gflop_forward_per_image', 'GFLOP per image, forward', '{:.3f}'),
     ('gflop_train_step_per_image', 'GFLOP per image, training step', '{:.3f}'),
     ('train_images_per_s', 'training images/s (median)', '{:.1f}'),
+    ('ema_update_share_of_step', 'weight-average update / training step', '{:.3f}'),
+    ('bn_refresh_batch_share_of_step', 'batch-norm refresh, per batch / training step', '{:.3f}'),
     ('sample_images_per_s', 'sampling images/s', '{:.1f}'),
     ('eval_images_per_s', 'evaluation images/s', '{:.1f}'),
     ('peak_memory_mb', 'peak memory, MiB', '{:.0f}'),

@@ -19,6 +19,7 @@ log|det J| to `sldj`; `reverse=True` maps latent -> data and leaves `sldj` alone
 import argparse
 import copy
 import gzip
+import io
 import math
 import os
 import sys
@@ -483,11 +484,16 @@ class DataNotFoundError(FileNotFoundError):
 def read_idx(path):
     """Read an IDX file (or its .gz) into a numpy array: magic 0,0,dtype,ndim then big-endian int32 sizes."""
     opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rb') as f:
-        data = f.read()
+    try:
+        with opener(path, 'rb') as f:
+            data = f.read()
+    except (OSError, EOFError) as e:   # a corrupt or truncated .gz
+        raise ValueError(f'{path} cannot be read: {_one_line(e)}') from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f'{path} is not an unsigned-byte IDX file')
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f'{path} is truncated: its header is cut short')
     dims = np.frombuffer(data, dtype='>i4', count=ndim, offset=4).astype(np.int64)
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(dims)):
@@ -515,10 +521,14 @@ def load_mnist(data_dir, train=True, download=True):
     names = MNIST_FILES[train]
     paths = [_find(raw_dir, n) for n in names]
     if None in paths and download:
+        made = [d for d in (data_dir, os.path.join(data_dir, 'MNIST'), raw_dir) if not os.path.exists(d)]
         try:
             import torchvision
             torchvision.datasets.MNIST(data_dir, train=train, download=True)
         except Exception as e:  # offline, or a mirror failed: say what is needed instead of the traceback
+            for folder in reversed(made):   # leave no empty folders behind
+                if os.path.isdir(folder) and not os.listdir(folder):
+                    os.rmdir(folder)
             raise DataNotFoundError(
                 f'MNIST not found: need {" and ".join(names)} in {raw_dir}/ (point --data-dir at the folder '
                 f'holding MNIST/raw/); downloading failed: {_one_line(e)}') from None
@@ -527,8 +537,9 @@ def load_mnist(data_dir, train=True, download=True):
         raise DataNotFoundError(f'MNIST not found: need {" and ".join(names)} in {raw_dir}/ '
                                 f'(point --data-dir at the folder holding MNIST/raw/)')
     images, labels = read_idx(paths[0]), read_idx(paths[1])
-    if images.ndim != 3 or labels.shape != images.shape[:1]:
-        raise ValueError(f'{paths[0]} and {paths[1]} do not form an image/label pair')
+    if images.ndim != 3 or labels.ndim != 1 or labels.shape != images.shape[:1]:
+        raise ValueError(f'{paths[0]} (shape {images.shape}) and {paths[1]} (shape {labels.shape}) do not form an '
+                         f'image/label pair')
     return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
@@ -643,7 +654,9 @@ def pick_device(name=None):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f'unknown device {name!r}; use cpu, cuda, cuda:N or mps') from None
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda', 'mps'):
+        raise ValueError(f'unknown device {name!r}; use cpu, cuda, cuda:N or mps')
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'device {name!r} asked for, but CUDA is not available here; use --device cpu')
     if device.type == 'mps' and not torch.backends.mps.is_available():
@@ -655,17 +668,57 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not fit; the message says which and what to do."""
 
 
-def save_checkpoint(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a checkpoint."""
+def non_finite_tensor(tensors):
+    """The name of the first tensor of a {name: tensor} mapping (nested dicts and lists too) holding a NaN or an
+    infinity, or None."""
+    items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors)
+    for name, value in items:
+        if isinstance(value, (dict, list, tuple)):
+            inner = non_finite_tensor(value)
+            if inner is not None:
+                return f'{name}.{inner}'
+        elif torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            return str(name)
+    return None
+
+
+def checkpoint_bytes(obj):
+    """`obj` serialised by torch.save, once, for as many files as need it."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer()
+
+
+def write_atomically(data, path):
+    """Write bytes through a temporary file beside `path`, flushed to disk (file and folder) before the rename:
+    a crash or a power cut never leaves half a file, and a failed write (a full disk) leaves the old file as it
+    was and no temporary behind."""
     tmp = f'{path}.tmp{os.getpid()}'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise CheckpointError(f'could not write {path}: {e.strerror or e}; the file there before is untouched') from None
+    fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def fsync_folder(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path, device='cpu'):
     """(model in eval mode on `device`, checkpoint dict) from a file written by train.py."""
     if not os.path.isfile(path):
-        raise CheckpointError(f'checkpoint {path} not found; pass --ckpt PATH to a best.pt or last.pt from train.py')
+        raise CheckpointError(f'checkpoint {path} not found; give the path of a best.pt or last.pt from train.py')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -675,10 +728,35 @@ def load_checkpoint(path, device='cpu'):
         raise CheckpointError(f'{path} is not a train.py checkpoint (no model config and weights inside)')
     try:
         model = RealNVP(RealNVPConfig(**ckpt['config']))
-        model.load_state_dict(ckpt['model'])
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f'the weights in {path} do not fit its config: {_one_line(e, 0)}') from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f'the config in {path} cannot build a model: {_one_line(e, 0)}') from None
+    mismatch = state_dict_mismatch(model, ckpt['model'])
+    if mismatch:
+        raise CheckpointError(f'the weights in {path} do not fit its config: {mismatch}')
+    model.load_state_dict(ckpt['model'])
+    bad = non_finite_tensor(ckpt['model'])
+    if bad is not None:
+        raise CheckpointError(f'checkpoint {path} is not finite: its weight {bad} holds NaN or infinite values, '
+                              f'so it cannot be used; take an earlier checkpoint')
     return model.to(device).eval(), ckpt
+
+
+def state_dict_mismatch(model, state):
+    """'' when `state` fits `model`, else what does not: missing and unexpected names, shapes that differ."""
+    if not isinstance(state, dict):
+        return 'the weights are not a state dict'
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f'{k} is {tuple(state[k].shape)}, the model wants {tuple(v.shape)}' for k, v in own.items()
+              if k in state and torch.is_tensor(state[k]) and state[k].shape != v.shape]
+
+    def listed(names):
+        return ', '.join(names[:3]) + (f' and {len(names) - 3} more' if len(names) > 3 else '')
+    parts = ([f'{len(missing)} missing ({listed(missing)})'] if missing else []) + \
+            ([f'{len(unexpected)} unexpected ({listed(unexpected)})'] if unexpected else []) + \
+            ([f'{len(shapes)} of another shape ({listed(shapes)})'] if shapes else [])
+    return '; '.join(parts)
 
 
 def checkpoint_dataset(ckpt, train=False, data_dir=None):
@@ -727,6 +805,10 @@ def non_negative_int(text):
 
 def positive_float(text):
     return _number(float, text, lambda v: v > 0 and math.isfinite(v), 'a positive number')
+
+
+def seed(text):
+    return _number(int, text, lambda v: 0 <= v < 2 ** 63, 'an integer from 0 to 2^63 - 1')
 
 
 def non_negative_float(text):

@@ -502,7 +502,7 @@ def test_non_finite_step_leaves_weights_and_optimizer_untouched(fused):
     x = torch.rand(8, 1, 4, 4)
     loss, bad = train.train_step(model, opt, RealNVPLoss(), x, 100.0, nullcontext())
     assert bad.item() == 0 and torch.isfinite(loss)
-    weights = {k: v.clone() for k, v in model.state_dict().items() if 'running' not in k and 'batches' not in k}
+    weights = {k: v.clone() for k, v in model.state_dict().items()}   # batch-norm statistics included
     moments = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
 
     def nan_loss(z, sldj):
@@ -824,7 +824,7 @@ def test_jensen_bound_direction_on_a_gaussian():
 
 def answers_table(header_start):
     """The rows of the Markdown table in answers.md whose header begins with `header_start`."""
-    lines = open(ANSWERS).read().splitlines()
+    lines = [line.strip() for line in open(ANSWERS).read().splitlines()]   # tables may sit in list items
     start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
     rows = []
     for line in lines[start + 2:]:
@@ -868,6 +868,60 @@ def test_answers_flop_and_parameter_figures():
         assert f'{forward / 1e9:.3f}' == forward_text
         assert f'{step / 1e9:.3f}' == step_text
 
+
+
+@pytest.mark.parametrize('channels,size', [(1, 14), (3, 32)])
+def test_factored_out_half_sits_at_odd_pixels(channels, size):
+    """answers.md, question 3: scale 1's factored-out half is z at the pixels with i + j odd, in every channel."""
+    model = RealNVP(in_channels=channels, img_size=size, num_scales=2, **TINY).eval()
+    seen = {}
+    last = model.flows.out_couplings[-1]
+    last.register_forward_hook(lambda mod, args, out: seen.__setitem__('h', squeeze_2x2(out[0], reverse=True)))
+    with torch.no_grad():
+        z, _ = model(torch.rand(2, channels, size, size))
+    h = seen['h']                                            # scale 1's output, entering the factor-out
+    odd = checkerboard_mask(size, size, dtype=torch.bool).expand_as(z)   # 1 where i + j is odd
+    assert int(odd[0].sum()) == channels * size * size // 2 == {1: 98, 3: 1536}[channels]
+    assert torch.equal(z[odd], h[odd])
+    assert not torch.isclose(z[~odd], h[~odd]).any()        # the even pixels went through scale 2
+    # perturbing scale 1's output at the odd pixels moves exactly those entries of z
+    with torch.no_grad():
+        zeros = torch.zeros(2)
+        z0, _ = model.flows._factor_out(h, zeros)
+        z1, _ = model.flows._factor_out(h + 0.5 * odd, zeros)
+        z2, _ = model.flows._factor_out(h + 0.5 * ~odd, zeros)
+    assert torch.equal(z0, z) and torch.equal((z1 != z0), odd)
+    assert not (z2 != z0)[odd].any() and (z2 != z0)[~odd].float().mean() > 0.9
+
+
+def test_answers_per_coupling_flops():
+    """answers.md, question 4: each coupling counted alone with torch.utils.flop_counter, against its table."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = RealNVP()
+    entering = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: entering.__setitem__(mod, args[0]))
+             for m in model.modules() if isinstance(m, CouplingLayer)]
+    with torch.no_grad():
+        model(torch.rand(1, 1, 14, 14))
+    for h in hooks:
+        h.remove()
+    measured = []
+    for coupling, x in entering.items():
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            coupling(x, torch.zeros(1))
+        measured.append((coupling.mask_type.name.lower().replace('_', '-'), 'x'.join(map(str, x.shape[1:])),
+                         coupling.st_net.in_conv.conv.out_channels, f'{counter.get_total_flops() / 1e9:.3f}'))
+    expected = []
+    for couplings, mask, runs_on, channels, gflop in answers_table('| couplings | mask |'):
+        count = int(couplings.split(', ')[1])
+        expected += [(mask, runs_on.split(' ')[0].replace('×', 'x'), int(channels), gflop)] * count
+    assert measured == expected and len(measured) == 10
+    assert sum(float(g) for *_, g in measured) == pytest.approx(float(f'{bench_forward_gflop():.3f}'), abs=0.005)
+
+
+def bench_forward_gflop():
+    import bench
+    return bench.count_flops(RealNVPConfig())[1] / 1e9
 
 # -----------------------------------------------------------------------------
 # multi-process training (torchrun, gloo on the CPU) and the benchmark script

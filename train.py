@@ -10,13 +10,17 @@ samples_epochNNN.png, last.pt and best.pt (by test bpd).
 """
 import argparse
 import csv
+import fcntl
 import hashlib
+import io
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
@@ -70,8 +74,10 @@ def build_parser():
     a('--dataset', choices=R.DATASETS, default='mnist', help='data set (default mnist)')
     a('--data-dir', default='./data', help='folder holding MNIST/raw/ (torchvision layout) (default ./data)')
     a('--out-dir', default=None, help='run folder (default: runs/<date-time>, or the folder of --resume)')
-    a('--seed', type=int, default=0, help='seed for weights, batches and dequantisation noise (default 0)')
-    a('--resume', default=None, metavar='PATH', help='continue from a last.pt (or best.pt) of an earlier run')
+    a('--seed', type=R.seed, default=0, help='seed for weights, batches and dequantisation noise (default 0)')
+    a('--resume', default=None, metavar='PATH',
+      help='continue from a last.pt (or best.pt) of an earlier run, in its own folder; a checkpoint older than '
+           'that folder\'s last.pt is refused there (it would overwrite it): give a new --out-dir to branch')
     a('--max-steps', type=R.positive_int, default=None, metavar='N',
       help='stop once N optimizer steps are done in all (for quick runs; counts across --resume)')
     a('--sample-every', type=R.positive_int, default=1, metavar='N',
@@ -111,18 +117,68 @@ def parse_args(parser, argv=None):
     """(args, checkpoint or None, device): the flags with --resume's policy applied; bad input exits 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.digits = sorted(set(args.digits)) if args.digits else None
     try:
         ckpt = apply_resume_policy(args, given_flags(parser, argv))
         fill_recipe(args)
         R.config_from_args(args)  # the architecture can take these sizes
-        if args.out_dir and not args.resume:
-            for name in ('last.pt', 'best.pt'):
-                if os.path.exists(os.path.join(args.out_dir, name)):
-                    raise ValueError(f'{args.out_dir} already holds {name}; pass --resume '
-                                     f'{os.path.join(args.out_dir, name)} to continue it, or another --out-dir')
+        if ckpt is not None and args.max_steps and args.max_steps <= ckpt['step']:
+            raise ValueError(f'--max-steps {args.max_steps} is not past the checkpoint\'s step {ckpt["step"]}: '
+                             f'there is nothing to train')
+        if args.out_dir:
+            check_out_dir(args.out_dir)
+            check_run_folder(args, ckpt)
+        own_folder = ckpt is not None and os.path.exists(os.path.join(args.out_dir, 'last.pt'))
+        args.run_id = ckpt.get('run_id') if own_folder and ckpt.get('run_id') else uuid.uuid4().hex[:12]
+        args.branched_from = ckpt.get('run_id', args.resume) if ckpt is not None and not own_folder else None
         return args, ckpt, R.pick_device(args.device)
     except ValueError as e:
         parser.error(str(e))
+
+
+def check_out_dir(out_dir):
+    """--out-dir must be, or be creatable as, a folder this process can write in."""
+    path = os.path.abspath(out_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ValueError(f'--out-dir {out_dir}: {path} is a file, not a folder')
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f'--out-dir {out_dir}: {path} is not writable')
+
+
+def check_run_folder(args, ckpt):
+    """A run folder holds one run: a new run only starts in a folder without checkpoints, and a resumed run only
+    writes into its own folder, never over a newer last.pt. A resume into a new folder branches: a new run."""
+    last = os.path.join(args.out_dir, 'last.pt')
+    held = [n for n in ('last.pt', 'best.pt') if os.path.exists(os.path.join(args.out_dir, n))]
+    if ckpt is None:
+        if held:
+            raise ValueError(f'{args.out_dir} already holds {held[0]}; pass --resume '
+                             f'{os.path.join(args.out_dir, held[0])} to continue it, or another --out-dir')
+        return
+    if not held:
+        return  # a branch into a fresh folder
+    if not os.path.exists(last):
+        raise ValueError(f'{args.out_dir} holds best.pt but no last.pt: another run\'s folder; pass another --out-dir')
+    if os.path.samefile(last, args.resume):
+        return  # the folder's own newest checkpoint
+    theirs = torch.load(last, map_location='cpu', weights_only=True)
+    if not same_run(theirs, ckpt, last, args.resume):
+        raise ValueError(f'{args.out_dir} holds another run (id {theirs.get("run_id", "none")}) than {args.resume} '
+                         f'(id {ckpt.get("run_id", "none")}); resume into the checkpoint\'s own folder, or branch '
+                         f'with a new --out-dir')
+    if theirs['step'] > ckpt['step']:
+        raise ValueError(f'{last} is at step {theirs["step"]}, past {args.resume} (step {ckpt["step"]}); resuming '
+                         f'would overwrite it: to branch from this checkpoint pass a new --out-dir')
+
+
+def same_run(theirs, ckpt, last, resume):
+    """Whether the checkpoint at `last` and the one being resumed belong to one run: by run id, or, for
+    checkpoints from before run ids, by being in the same folder."""
+    if theirs.get('run_id') and ckpt.get('run_id'):
+        return theirs['run_id'] == ckpt['run_id']
+    return os.path.samefile(os.path.dirname(os.path.abspath(last)), os.path.dirname(os.path.abspath(resume)))
 
 
 def apply_resume_policy(args, given):
@@ -132,6 +188,10 @@ def apply_resume_policy(args, given):
     _, ckpt = R.load_checkpoint(args.resume)  # one-line errors for a missing, corrupt or misfitting file
     recipe = ckpt.get('args', {}).get('recipe') or OLD_RECIPE
     saved = {**RECIPES[recipe], **ckpt.get('args', {}), 'recipe': recipe}
+    saved['digits'] = sorted(set(saved['digits'])) if saved.get('digits') else None
+    if 'optimizer' not in ckpt or 'rng' not in ckpt or 'step' not in ckpt:
+        raise ValueError(f'{args.resume} holds weights but not the state to resume from (optimizer, step, random '
+                         f'numbers); sample.py and evaluate.py can use it, or start a new run')
     for key, policy in RESUME_POLICY.items():
         if policy == FROZEN and key in given and getattr(args, key) != saved.get(key):
             raise ValueError(f'--{key.replace("_", "-")} differs from the checkpoint\'s ({saved.get(key)!r}); '
@@ -268,9 +328,24 @@ class Run:
     """The run folder. Only rank 0 writes; every other rank gets a Run that writes nothing."""
 
     def __init__(self, out_dir, active):
-        self.dir, self.active = out_dir, active
+        """Rank 0 creates the folder and holds an exclusive lock on it for the run's lifetime (the kernel drops
+        it when the process ends, however it ends); a second training into the same folder exits with one line."""
+        self.dir, self.active, self.writes = out_dir, active, 0
         if active:
             os.makedirs(out_dir, exist_ok=True)
+            self.lock = open(self.path('.lock'), 'a+')
+            try:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.lock.seek(0)
+                R.die('train.py', f'{out_dir} is in use by another training (pid {self.lock.read().strip() or "?"}); '
+                                  f'wait for it to end, or pass another --out-dir')
+            self.lock.truncate(0)
+            self.lock.write(f'{os.getpid()}\n')
+            self.lock.flush()
+            for name in os.listdir(out_dir):   # temporaries of a process that died mid-write (we hold the lock)
+                if re.fullmatch(r'.+\.tmp\d+', name):
+                    os.remove(self.path(name))
 
     def path(self, name):
         return os.path.join(self.dir, name)
@@ -290,18 +365,40 @@ class Run:
         """The rows of metrics.csv up to `upto_epoch` (rows past it belong to epochs a resume redoes)."""
         if not self.active or not os.path.isfile(self.path('metrics.csv')):
             return []
-        with open(self.path('metrics.csv')) as f:
-            return [row for row in csv.DictReader(f) if int(row['epoch']) <= upto_epoch]
+        try:
+            with open(self.path('metrics.csv')) as f:
+                return [row for row in csv.DictReader(f) if int(row['epoch']) <= upto_epoch]
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError):
+            R.die('train.py', f'{self.path("metrics.csv")} is not a metrics file of train.py; move it away to resume '
+                              f'(a new one is written from this point on)')
 
     def write_metrics(self, rows):
         if not self.active or not rows:
             return
-        with open(self.path('metrics.csv.tmp'), 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(self.path('metrics.csv.tmp'), self.path('metrics.csv'))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator='\n')
+        writer.writeheader()
+        writer.writerows(rows)
+        R.write_atomically(text.getvalue().encode(), self.path('metrics.csv'))
+        self._wrote()
         plot_curves(rows, self.path('curves.png'))
+        self._wrote()
+
+    def write_checkpoint(self, blob, name):
+        if self.active:
+            R.write_atomically(blob, self.path(name))
+            self._wrote()
+
+    def write_grid(self, images, name):
+        R.save_grid(images, self.path(name))
+        self._wrote()
+
+    def _wrote(self):
+        """Test hook for the crash-order tests: with REALNVP_KILL_AFTER_WRITES=N in the environment, the process
+        kills itself (SIGKILL, as a crash would) right after the N-th file it writes."""
+        self.writes += 1
+        if self.writes == int(os.environ.get('REALNVP_KILL_AFTER_WRITES', '0')):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def plot_curves(rows, path):
@@ -326,11 +423,15 @@ def plot_curves(rows, path):
 
 
 def train_step(model, optimizer, loss_fn, x, max_grad_norm, autocast, dist=None):
-    """One optimizer step: a non-finite loss or gradient skips the update.
+    """One optimizer step: a non-finite loss or gradient skips the update and leaves every piece of state
+    (weights, optimizer moments, batch-norm statistics) as it was.
 
     A fused Adam (CUDA, CPU) reads `found_inf` on the device and leaves weights and moments untouched
-    when it is 1, so the step needs no host sync; any other optimizer asks the host. Under several
-    processes `dist` (a train.Dist) makes every rank skip the same steps. Returns (loss, bad) as 0-dim device tensors."""
+    when it is 1, and the batch-norm buffers are put back with a `where` on the device, so the step needs
+    no host sync; any other optimizer asks the host. Under several processes `dist` (a train.Dist) makes
+    every rank skip the same steps. Returns (loss, bad) as 0-dim device tensors."""
+    buffers = list(model.buffers())
+    before = [b.clone() for b in buffers]
     with autocast:
         z, sldj = model(x, validate=False)
     loss = loss_fn(z.float(), sldj.float())
@@ -341,6 +442,8 @@ def train_step(model, optimizer, loss_fn, x, max_grad_norm, autocast, dist=None)
     bad = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
     if dist is not None:
         dist.all_reduce(bad, 'max')
+    for buffer, old in zip(buffers, before):
+        buffer.copy_(torch.where(bad > 0, old, buffer))
     if optimizer.defaults.get('fused'):
         optimizer.found_inf = bad
         optimizer.step()
@@ -381,7 +484,8 @@ class Data:
     """The data as uint8 on the device: the whole training split, and this process's share of the test split."""
     train: torch.Tensor
     test: torch.Tensor
-    n_test: int  # images in the whole test split
+    n_test: int        # images in the whole test split
+    fingerprint: dict  # sizes and a hash of both splits, kept in checkpoints: a resume must see the same data
 
 
 class Stop(Enum):
@@ -411,6 +515,7 @@ class Trainer:
         self.fixed_z = torch.randn((64, *model.shape), generator=torch.Generator().manual_seed(args.seed)).to(self.device)
         self.rows = run.metrics(upto_epoch=state.epoch)
         self.signal = None
+        self.non_finite = None  # the name of a tensor that went non-finite, when one did
         zero = torch.zeros((), device=self.device)
         self.consecutive_bad, self.skipped = zero.clone(), zero.clone()  # skipped: not yet in state.skipped
 
@@ -420,11 +525,10 @@ class Trainer:
         try:
             self.announce()
             stop = None
-            while self.state.epoch < self.args.epochs:
+            while stop is None and self.state.epoch < self.args.epochs:
                 stop = self.train_epoch()
-                if stop is not None:
-                    break
-                self.end_epoch()
+                if stop is None:
+                    stop = self.end_epoch()
             code = self.leave(stop)
             self.dist.check_ranks_agree(self.model, self.run.log)
             return code
@@ -437,12 +541,15 @@ class Trainer:
 
     def announce(self):
         args, s = self.args, self.state
+        if not os.path.exists(self.run.path('config.json')):
+            self.run.write_json('config.json', dict(run_id=args.run_id, branched_from=args.branched_from,
+                                                    args=vars(args), model=asdict(self.model.config),
+                                                    data=self.data.fingerprint, world_size=self.dist.world))
         if args.resume:
-            self.run.log(f'resumed from {args.resume} at epoch {s.epoch}, step {s.step}')
+            self.run.log(f'resumed from {args.resume} at epoch {s.epoch}, step {s.step}'
+                         + (f', branching into {self.run.dir} as run {args.run_id}' if args.branched_from else ''))
         else:
-            self.run.write_json('config.json', dict(args=vars(args), model=asdict(self.model.config),
-                                                    world_size=self.dist.world))
-            self.run.log(f'run folder {self.run.dir}; seed {args.seed}; device {self.device}; '
+            self.run.log(f'run folder {self.run.dir}; run {args.run_id}; seed {args.seed}; device {self.device}; '
                          f'{self.dist.world} process(es)')
         n_params = sum(p.numel() for p in self.model.parameters())
         self.run.log(f'{args.dataset} {args.image_size}x{args.image_size}: {len(self.data.train)} train, '
@@ -506,7 +613,9 @@ class Trainer:
         self.skipped.zero_()
 
     def end_epoch(self):
-        """Evaluate, checkpoint, log, plot and sample at the end of an epoch."""
+        """Evaluate, checkpoint, log, plot and sample at the end of an epoch, with last.pt written last: it is
+        the commit point, so a crash before it is redone by --resume and a crash after it has lost nothing.
+        Returns Stop.NON_FINITE when there is nothing finite to save."""
         s = self.state
         loss, count = self.dist.all_reduce(self.totals).tolist()
         train_bpd = loss / count / self.nats_per_bpd
@@ -518,15 +627,21 @@ class Trainer:
         is_best = bpd < s.best_bpd
         if is_best:
             s.best_bpd = bpd
-        self.save(users, self.run.path('last.pt'), *([self.run.path('best.pt')] if is_best else []))
+        blob = self.checkpoint(users)
+        if self.non_finite:
+            return Stop.NON_FINITE
+        if is_best:
+            self.run.write_checkpoint(blob, 'best.pt')
         self.rows.append(dict(epoch=s.epoch, step=s.step, train_bpd=f'{train_bpd:.5f}', test_bpd=f'{bpd:.5f}',
                               skipped_steps=s.skipped, seconds=f'{epoch_time:.1f}',
                               images_per_s=f'{self.seen / epoch_time:.1f}'))
         self.run.write_metrics(self.rows)
+        if self.run.active and (s.epoch == 1 or s.epoch % self.args.sample_every == 0):
+            self.run.write_grid(users.decode(self.fixed_z).cpu(), f'samples_epoch{s.epoch:03d}.png')
+        self.run.write_checkpoint(blob, 'last.pt')
         self.run.log(f'epoch {s.epoch}: train bpd {train_bpd:.4f}, test bpd {bpd:.4f}{" (best)" if is_best else ""}, '
                      f'{epoch_time:.0f}s, {self.seen / epoch_time:.1f} images/s, {s.skipped} skipped steps')
-        if self.run.active and (s.epoch == 1 or s.epoch % self.args.sample_every == 0):
-            R.save_grid(users.decode(self.fixed_z).cpu(), self.run.path(f'samples_epoch{s.epoch:03d}.png'))
+        return None
 
     def users_model(self):
         """The model that evaluation, sample grids and checkpoints get: the weight average, with batch-norm
@@ -558,31 +673,40 @@ class Trainer:
                                                                           dtype=torch.float64)]))
         return (total[0] / total[1]).item() / self.nats_per_bpd
 
-    def save(self, users, *paths):
-        """One checkpoint to `paths`: the config, the users' model (`model`: what sample.py and evaluate.py
-        load), the trained model and optimizer, the arguments, every rank's RNG and the TrainState."""
+    def checkpoint(self, users):
+        """The checkpoint, serialised (None on ranks other than 0): the config, the users' model (`model`: what
+        sample.py and evaluate.py load), the trained model and optimizer, the arguments, every rank's RNG and
+        the TrainState. When anything is not finite it sets `self.non_finite` to the tensor's name on every rank
+        (they hold the same tensors) instead: such a checkpoint is never written."""
         rng = {'cpu': torch.get_rng_state(),
                'cuda': torch.cuda.get_rng_state(self.device) if self.device.type == 'cuda' else None}
         rngs = self.dist.gather(rng)
-        if self.run.active:
-            obj = dict(config=asdict(self.model.config), model=users.state_dict(),
-                       train_model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                       args=vars(self.args), rng=rngs, world_size=self.dist.world, **asdict(self.state))
-            for path in paths:
-                R.save_checkpoint(obj, path)
+        obj = dict(config=asdict(self.model.config), model=users.state_dict(), train_model=self.model.state_dict(),
+                   optimizer=self.optimizer.state_dict(), args=vars(self.args), rng=rngs, run_id=self.args.run_id,
+                   data=self.data.fingerprint, world_size=self.dist.world, **asdict(self.state))
+        bad = R.non_finite_tensor({k: obj[k] for k in ('model', 'train_model', 'optimizer')})
+        if bad is not None:
+            self.non_finite = bad
+            return None
+        return R.checkpoint_bytes(obj) if self.run.active else None
 
     def leave(self, stop):
         """The one way out of `fit`: log why, save where there is something to keep, return the exit code."""
         s, last = self.state, self.run.path('last.pt')
         if stop is None:
-            self.run.log(f'done: step {s.step}, best test bpd {s.best_bpd:.4f}; checkpoints in {self.run.dir}')
+            self.run.log(f'done: step {s.step}, best test bpd {s.best_bpd:.4f}; checkpoints in {self.run.dir}'
+                         if s.epoch > 0 else f'done: --epochs {self.args.epochs} trains nothing; no checkpoint written')
             return 0
         if stop == Stop.NON_FINITE:
-            self.run.log(f'stopping: {int(self.consecutive_bad.item())} steps in a row had a non-finite loss or '
-                         f'gradient (step {s.step}); lower --lr or --max-grad-norm. '
-                         f'The last good checkpoint is untouched.')
+            why = (f'{self.non_finite} is not finite' if self.non_finite else
+                   f'{int(self.consecutive_bad.item())} steps in a row had a non-finite loss or gradient')
+            self.run.log(f'stopping at step {s.step}: {why}; lower --lr or --max-grad-norm. '
+                         f'Nothing was saved: the last checkpoint is untouched.')
             return 1
-        self.save(self.users_model(), last)
+        blob = self.checkpoint(self.users_model())
+        if self.non_finite:
+            return self.leave(Stop.NON_FINITE)
+        self.run.write_checkpoint(blob, 'last.pt')
         why = 'interrupted' if stop == Stop.INTERRUPTED else f'reached --max-steps {self.args.max_steps}'
         self.run.log(f'{why} at step {s.step}: saved {last}; continue with --resume {last}')
         return 130 if stop == Stop.INTERRUPTED else 0
@@ -592,15 +716,31 @@ class Trainer:
 # main
 
 
-def load_data(args, dist):
-    """The run's data on the device; a missing or unusable data set exits 1 with one line."""
+def load_data(args, dist, ckpt):
+    """The run's data on the device; missing, empty or (on --resume) other data exits 1 with one line."""
     try:
         train_set, test_set = (R.ImageDataset(args.dataset, args.data_dir, train=train, img_size=args.image_size,
                                               digits=args.digits) for train in (True, False))
     except (R.DataNotFoundError, ValueError) as e:
         R.die('train.py', e)
+    for name, split in (('training', train_set), ('test', test_set)):
+        if len(split) == 0:
+            R.die('train.py', f'the {name} split in {args.data_dir} has no images')
+    fingerprint = data_fingerprint(train_set.images, test_set.images)
+    if ckpt is not None and ckpt.get('data', fingerprint) != fingerprint:
+        R.die('train.py', f'the data in {args.data_dir} ({fingerprint["train"]} train, {fingerprint["test"]} test '
+                          f'images) are not the data this run trained on ({ckpt["data"]["train"]} train, '
+                          f'{ckpt["data"]["test"]} test images, another hash); point --data-dir at those')
     return Data(train=train_set.images.to(dist.device), test=dist.shard(test_set.images).to(dist.device),
-                n_test=len(test_set))
+                n_test=len(test_set), fingerprint=fingerprint)
+
+
+def data_fingerprint(train, test):
+    digest = hashlib.sha256()
+    for images in (train, test):
+        digest.update(str(tuple(images.shape)).encode())
+        digest.update(images.contiguous().numpy().tobytes())
+    return dict(train=len(train), test=len(test), sha256=digest.hexdigest()[:16])
 
 
 def restore(ckpt, learner, dist, seed):
@@ -630,8 +770,13 @@ def main(argv=None):
         if args.batch_size % dist.world != 0:
             parser.error(f'--batch-size {args.batch_size} must be divisible by the {dist.world} processes')
         args.out_dir = dist.broadcast(args.out_dir or new_run_dir())
-        data = load_data(args, dist)
-        run = Run(args.out_dir, active=dist.rank == 0)
+        data = load_data(args, dist, ckpt)
+        run = Run(args.out_dir, active=dist.rank == 0)   # holds the folder's lock from here on
+        if run.active:
+            try:
+                check_run_folder(args, ckpt)   # again, under the lock: a run may have finished there meanwhile
+            except ValueError as e:
+                R.die('train.py', e)
         torch.manual_seed(args.seed)
         model = R.RealNVP(R.config_from_args(args)).to(dist.device)
         learner = Learner(model, R.make_optimizer(model, args.lr, args.weight_decay, dist.device),
@@ -639,6 +784,8 @@ def main(argv=None):
         state = restore(ckpt, learner, dist, args.seed)
         torch.backends.cudnn.benchmark = dist.device.type == 'cuda'
         return Trainer(args, run, dist, learner, data, state).fit()
+    except R.CheckpointError as e:   # a full disk, a folder gone: the files there before are untouched
+        R.die('train.py', e)
     finally:
         dist.close()
 
