@@ -1,5 +1,7 @@
-"""Measure RealNVP's speed and size: training, sampling and evaluation throughput, peak memory,
-FLOPs per image (torch.utils.flop_counter) and the FLOP/s achieved against a matmul measured in the same run.
+"""Measure RealNVP's speed and size: training, sampling and evaluation throughput, peak memory, FLOPs per image
+(torch.utils.flop_counter), and the FLOP/s achieved against a ceiling measured in the same run on the step's own
+kind of work (the best of a large matmul and each of the model's convolution shapes, per dtype), with the
+share of step time spent outside convolutions (torch.profiler).
 
     python bench.py --num-threads 2                  # the default config (MNIST 14x14, batch 128) on the CPU
     python bench.py --device cuda --amp --compile    # the fast GPU path
@@ -9,6 +11,7 @@ Run one benchmark at a time: two heavy jobs on the same cores slow each other do
 """
 import argparse
 import json
+import os
 import re
 import resource
 import statistics
@@ -36,6 +39,7 @@ def build_parser():
     a('--amp', action='store_true', help='bf16 autocast for the s/t nets, as train.py --amp')
     a('--compile', action='store_true', help='torch.compile the model, as train.py --compile')
     a('--flops-only', action='store_true', help='print parameters and FLOPs per image, time nothing')
+    a('--profile', action='store_true', help='also print the training step\'s top operators (torch.profiler)')
     a('--lecture', default=None, metavar='NOTEBOOK',
       help='also time the lecture notebook\'s own code (its text file, e.g. ../shared/seed/000_*.txt) on the same '
            'config, device and data, for comparison')
@@ -147,6 +151,7 @@ def measure_training(args, config, device):
     for _ in range(args.warmup):
         step()
     train_s = timed(step, device, args.steps)
+    shares, table = measure_profile(step, device)
     average = R.WeightAverage(model, 0.999)
     ema_s = timed(lambda: average.update(model, 1000), device, args.steps)
     noise = torch.rand(images.shape, device=device)
@@ -160,20 +165,82 @@ def measure_training(args, config, device):
         peak_mb, kind = torch.cuda.max_memory_allocated(device) / 2 ** 20, 'cuda allocated'
     else:
         peak_mb, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'process RSS'  # Linux KiB
-    return dict(train_images_per_s=args.batch_size / train_s, train_step_s=train_s,
+    return dict(train_images_per_s=args.batch_size / train_s, train_step_s=train_s, **shares,
+                **({'profile_table': table} if args.profile else {}),
                 ema_update_share_of_step=ema_s / train_s, bn_refresh_batch_share_of_step=refresh_s / train_s,
                 sample_images_per_s=args.batch_size / sample_s, eval_images_per_s=args.batch_size / eval_s,
                 peak_memory_mb=peak_mb, peak_memory_kind=kind)
 
 
-def measure_ceiling(args, device, achieved):
-    """The matmul FLOP/s of this device in the same run, and the training step's share of it."""
-    result = dict(matmul_fp32_gflop_per_s=matmul_flops_per_s(device, torch.float32) / 1e9)
-    result['ratio_to_fp32_matmul'] = achieved / result['matmul_fp32_gflop_per_s']
-    if args.amp:
-        result['matmul_bf16_gflop_per_s'] = matmul_flops_per_s(device, torch.bfloat16) / 1e9
-        result['ratio_to_bf16_matmul'] = achieved / result['matmul_bf16_gflop_per_s']
+def conv_shapes(config, batch_size):
+    """The distinct convolutions of the model: (input shape, weight shape, padding), found by forward hooks."""
+    model = R.RealNVP(config)
+    shapes = set()
+    hooks = [m.register_forward_hook(lambda mod, args, out: shapes.add(
+        (tuple(args[0].shape), tuple(mod.weight.shape), tuple(mod.padding))))
+        for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.rand(batch_size, config.in_channels, config.img_size, config.img_size))
+    for h in hooks:
+        h.remove()
+    return sorted(shapes)
+
+
+def conv_flops_per_s(shape, device, dtype, repeats=3):
+    """FLOP/s of one convolution shape alone, forward and backward (input and weight gradients), channels-last
+    as in the model: the kind of work a training step does, at its own sizes."""
+    x_shape, w_shape, padding = shape
+    x = torch.randn(x_shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(w_shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w.requires_grad_()
+    grad = torch.ones_like(torch.nn.functional.conv2d(x, w, padding=padding))
+
+    def step():
+        torch.nn.functional.conv2d(x, w, padding=padding).backward(grad)
+    step()
+    return conv_step_flops(shape) / timed(step, device, repeats)
+
+
+def conv_step_flops(shape):
+    """FLOPs of a convolution's forward and backward: 2 MACs-worth per output and input channel and kernel tap,
+    three times (the output, the input's gradient, the weight's gradient)."""
+    (n, _, h, w), (c_out, c_in, kh, kw), (ph, pw) = shape
+    out_h, out_w = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+    return 3 * 2 * n * c_out * out_h * out_w * c_in * kh * kw
+
+
+def measure_ceiling(args, config, device, achieved):
+    """The peak this device reaches on the training step's own kind of work, per dtype: the best of a large
+    matmul and each of the model's convolution shapes timed alone; and the step's achieved share of it."""
+    result = {}
+    dtypes = [('fp32', torch.float32)] + ([('bf16', torch.bfloat16)] if args.amp else [])
+    for name, dtype in dtypes:
+        matmul = matmul_flops_per_s(device, dtype)
+        conv = max(conv_flops_per_s(shape, device, dtype) for shape in conv_shapes(config, args.batch_size))
+        result[f'matmul_{name}_gflop_per_s'] = matmul / 1e9
+        result[f'conv_{name}_gflop_per_s'] = conv / 1e9
+        result[f'ceiling_{name}_gflop_per_s'] = max(matmul, conv) / 1e9
+    step_dtype = dtypes[-1][0]  # the s/t nets run in bf16 under --amp
+    result['ceiling_dtype'] = step_dtype
+    result['ratio_to_ceiling'] = achieved / result[f'ceiling_{step_dtype}_gflop_per_s']
     return result
+
+
+def measure_profile(step, device, steps=2):
+    """The share of a training step's time spent outside convolutions (torch.profiler, self time by operator),
+    and the operators' table."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    key = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    ops = prof.key_averages()
+    total = sum(getattr(op, key) for op in ops)
+    conv = sum(getattr(op, key) for op in ops if 'conv' in op.key)
+    return dict(share_outside_convolutions=1.0 - conv / total), ops.table(sort_by=key, row_limit=15)
 
 
 def measure_lecture(args, config, device, train_step_s):
@@ -194,7 +261,7 @@ def benchmark(args):
         return result
     result.update(measure_training(args, config, device))
     result['achieved_gflop_per_s'] = result['gflop_train_step_per_image'] * result['train_images_per_s']
-    result.update(measure_ceiling(args, device, result['achieved_gflop_per_s']))
+    result.update(measure_ceiling(args, config, device, result['achieved_gflop_per_s']))
     if args.lecture:
         result.update(measure_lecture(args, config, device, result['train_step_s']))
     return result
@@ -214,9 +281,11 @@ TABLE = [
     ('peak_memory_kind', 'measured as', '{}'),
     ('achieved_gflop_per_s', 'achieved GFLOP/s in training', '{:.1f}'),
     ('matmul_fp32_gflop_per_s', 'fp32 matmul GFLOP/s (2048^2, same run)', '{:.1f}'),
-    ('ratio_to_fp32_matmul', 'achieved / fp32 matmul', '{:.2f}'),
+    ('conv_fp32_gflop_per_s', 'fp32 best model convolution GFLOP/s (fwd+bwd)', '{:.1f}'),
     ('matmul_bf16_gflop_per_s', 'bf16 matmul GFLOP/s (same run)', '{:.1f}'),
-    ('ratio_to_bf16_matmul', 'achieved / bf16 matmul', '{:.2f}'),
+    ('conv_bf16_gflop_per_s', 'bf16 best model convolution GFLOP/s (fwd+bwd)', '{:.1f}'),
+    ('ratio_to_ceiling', 'achieved / ceiling (the best of those, step dtype)', '{:.2f}'),
+    ('share_outside_convolutions', 'share of step time outside convolutions', '{:.2f}'),
     ('lecture_train_images_per_s', 'lecture code: training images/s', '{:.1f}'),
     ('speedup_over_lecture', 'speed-up over the lecture code', '{:.2f}x'),
 ]
@@ -231,14 +300,23 @@ def print_table(result):
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f'  {label:<{width}}  {value:>12}')
+    if result.get('ratio_to_ceiling', 0) > 1:
+        print('  the step ran faster than the measured ceiling: the reference is wrong (a kernel the model uses '
+              'is faster than those timed here), not the model')
+    if 'profile_table' in result:
+        print(result['profile_table'])
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.lecture and not os.path.isfile(args.lecture):
+        parser.error(f'--lecture {args.lecture}: no such file (the lecture notebook is ../shared/seed/000_*.txt)')
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     try:
+        if args.lecture:
+            lecture_code(args.lecture)  # a file without the lecture's code fails now, not after the benchmark
         result = benchmark(args)
     except ValueError as e:
         parser.error(str(e))

@@ -38,7 +38,7 @@ def build_parser():
     a('--per-image', default=None, metavar='CSV', help='write every image\'s index, label and bpd to this CSV file')
     a('--out-dir', default=None, help='folder for --worst\'s PNGs (default: the checkpoint\'s folder)')
     a('--data-dir', default=None, help='data folder (default: the one the run trained on)')
-    a('--seed', type=int, default=0, help='seed for the dequantisation noise (default 0)')
+    a('--seed', type=R.seed, default=0, help='seed for the dequantisation noise (default 0)')
     a('--device', default=None, help='cpu, cuda, cuda:N or mps (default: the best there is)')
     a('--json', action='store_true', help='print one JSON object instead of sentences')
     return p

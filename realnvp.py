@@ -241,6 +241,16 @@ class RealNVPConfig:
                              f'halves it, so it must be a multiple of {factor} and at least {2 * factor} '
                              f'(e.g. {sizes}, ...)')
 
+    def activation_bytes(self, batch_size):
+        """A rough estimate of what a training step keeps for its backward pass (fp32): each coupling's s/t ResNet
+        keeps about 6 tensors per residual block and 8 more, of its channels times its pixels."""
+        per_image, pixels, mid = 0, self.img_size ** 2, self.mid_channels
+        for scale in range(self.num_scales):
+            last = scale == self.num_scales - 1
+            per_image += (4 if last else 3) * mid * pixels + (0 if last else 3 * 2 * mid * pixels // 4)
+            pixels, mid = pixels // 4, 2 * mid
+        return 4 * batch_size * (6 * self.num_blocks + 8) * per_image
+
 
 class _RealNVP(nn.Module):
     """One scale: 3 checkerboard couplings, squeeze, 3 channel-wise couplings, unsqueeze, then factor
@@ -345,11 +355,11 @@ class RealNVP(nn.Module):
         return ((torch.sigmoid(y) - (1.0 - c) / 2.0) / c).clamp(0.0, 1.0)
 
     @torch.no_grad()
-    def decode(self, z):
-        """Latents (n, C, H, W) -> images in [0, 1], in eval mode; the model's mode is restored."""
+    def decode(self, z, batch_size=256):
+        """Latents (n, C, H, W) -> images in [0, 1], in eval mode, `batch_size` at a time (memory does not grow
+        with n); the model's mode is restored."""
         with eval_mode(self):
-            y, _ = self(z, reverse=True)
-        return self.postprocess(y)
+            return torch.cat([self.postprocess(self(chunk, reverse=True)[0]) for chunk in z.split(batch_size)])
 
     def sample(self, n, temperature=1.0, generator=None):
         """n images in [0, 1], shape (n, C, H, W), from z ~ N(0, temperature^2 I)."""
@@ -578,6 +588,8 @@ class ImageDataset(torch.utils.data.Dataset):
                 raise ValueError(f'no {name} images with labels {sorted(set(digits))}')
             images, labels = images[keep], labels[keep]
         if images.shape[-1] != img_size or images.shape[-2] != img_size:
+            check_memory(images.shape[0] * images.shape[1] * img_size ** 2 * 5,  # uint8 out, float32 on the way
+                         f'resizing {images.shape[0]} images to {img_size}x{img_size}', 'a smaller --image-size')
             import torchvision.transforms.functional as TF
             images = TF.resize(images, [img_size, img_size], antialias=True)  # uint8 in, uint8 out
         self.images = images.contiguous()
@@ -641,6 +653,17 @@ def save_grid(images, path, nrow=None, scale=None):
     grid = make_grid(images, nrow=nrow or math.ceil(math.sqrt(len(images))), padding=1, pad_value=1.0)
     scale = scale or max(1, math.ceil(56 / images.shape[-2]))
     save_image(grid.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1), path)
+
+
+def check_memory(needed, what, advice):
+    """Raise a one-line ValueError when `needed` bytes would not fit in 90% of this machine's memory."""
+    try:
+        total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError):
+        return  # the OS does not say: go ahead
+    if needed > 0.9 * total:
+        raise ValueError(f'{what} needs about {needed / 1e9:.1f} GB, and this machine has {total / 1e9:.1f} GB of '
+                         f'memory; choose {advice}')
 
 
 def pick_device(name=None):

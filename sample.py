@@ -20,8 +20,8 @@ def build_parser():
     a('--runs-dir', default='runs', help='where to look for the newest run (default runs)')
     a('--n', type=R.positive_int, default=16, help='number of samples (default 16)')
     a('--temperature', type=R.positive_float, default=1.0, help='z ~ N(0, T^2 I) (default 1.0)')
-    a('--seed', type=int, default=0, help='seed for z (default 0)')
-    a('--out', default=None, help='PNG to write (default: samples_n<N>_t<T>_s<seed>.png beside the checkpoint)')
+    a('--seed', type=R.seed, default=0, help='seed for z (default 0)')
+    a('--out', default=None, help='PNG (or .jpg) to write (default: samples_n<N>_t<T>_s<seed>.png beside the checkpoint)')
     a('--device', default=None, help='cpu, cuda, cuda:N or mps (default: the best there is)')
     a('--interpolate', action='store_true', help='latent interpolations between pairs of test images instead')
     a('--pairs', type=R.positive_int, default=4, help='with --interpolate: pairs of test images, one per row (default 4)')
@@ -52,9 +52,31 @@ def to_8bit(v):
     return ((256 * v - 0.5).round().clamp(0, 255)) / 255
 
 
+MAX_GRID = 4096  # images in one PNG: a 64x64 grid, 3,600 pixels a side at 14x14 and 4x
+
+
+def check_args(parser, args):
+    """What argparse cannot check: the grid's size and where it goes (exit 2 with one line)."""
+    count = args.pairs * args.steps if args.interpolate else args.n
+    if count > MAX_GRID:
+        what = f'--pairs {args.pairs} x --steps {args.steps}' if args.interpolate else f'--n {args.n}'
+        parser.error(f'{what} asks for {count} images in one grid; at most {MAX_GRID} fit a PNG')
+    if args.out:
+        if os.path.isdir(args.out):
+            parser.error(f'--out {args.out} is a folder; give a file name ending in .png')
+        if os.path.splitext(args.out)[1].lower() not in ('.png', '.jpg', '.jpeg'):
+            parser.error(f'--out {args.out} needs an image extension: .png (or .jpg)')
+        parent = os.path.dirname(os.path.abspath(args.out))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            parser.error(f'--out {args.out}: {parent} is a file, not a folder')
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_args(parser, args)
     try:
         device = R.pick_device(args.device)
         ckpt_path = args.ckpt or R.find_checkpoint(args.runs_dir)

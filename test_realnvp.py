@@ -448,7 +448,8 @@ def test_mnist_loader_filters_resizes_and_keeps_the_pixel_grid(tmp_path, gz):
 def test_missing_mnist_offline_names_the_files_and_the_flag(tmp_path, monkeypatch):
     import torchvision
 
-    def offline(*args, **kwargs):
+    def offline(root, *args, **kwargs):
+        os.makedirs(os.path.join(root, 'MNIST', 'raw'), exist_ok=True)   # as torchvision does before it downloads
         raise RuntimeError('Error downloading train-images-idx3-ubyte.gz:\n<urlopen error [Errno -2] Name or service not known>')
 
     monkeypatch.setattr(torchvision.datasets, 'MNIST', offline)
@@ -459,6 +460,7 @@ def test_missing_mnist_offline_names_the_files_and_the_flag(tmp_path, monkeypatc
     for needed in ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', '--data-dir', str(tmp_path)):
         assert needed in message
     assert 'Name or service not known' in message
+    assert os.listdir(tmp_path) == []   # the failed download left no empty MNIST/raw/ behind
 
 
 def test_missing_cifar10_names_the_folder_and_the_flag(tmp_path, monkeypatch):
@@ -475,6 +477,15 @@ def test_missing_cifar10_names_the_folder_and_the_flag(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, 'CIFAR10', offline)
     with pytest.raises(DataNotFoundError, match='downloading failed: .*Name or service not known'):
         ImageDataset('cifar10', str(tmp_path), img_size=32)
+
+
+def test_resizing_beyond_the_machine_memory_is_refused_before_allocating(tmp_path, monkeypatch):
+    root = make_mnist(str(tmp_path), n=20)
+    real = os.sysconf
+    monkeypatch.setattr(os, 'sysconf', lambda name: 2 ** 14 if name == 'SC_PHYS_PAGES' else real(name))  # 64 MiB
+    with pytest.raises(ValueError, match=r'resizing 20 images to 1000x1000 needs about 0.1 GB.*--image-size'):
+        ImageDataset('mnist', root, train=True, img_size=1000, download=False)
+    assert len(ImageDataset('mnist', root, train=True, img_size=14, download=False)) == 20
 
 
 def test_corrupt_idx_file_is_reported(tmp_path):
@@ -643,6 +654,143 @@ def test_first_round_checkpoints_still_sample_evaluate_and_resume(full_run, data
 
 
 # -----------------------------------------------------------------------------
+# train.py: one run folder, one run; crash order; nothing non-finite is saved
+
+
+def copy_run(full_run, path, run_id=None):
+    """A copy of the full run's folder; with `run_id`, its checkpoints say they belong to another run."""
+    shutil.copytree(full_run, path)
+    if run_id:
+        for name in ('last.pt', 'best.pt'):
+            ckpt = load(os.path.join(path, name))
+            ckpt['run_id'] = run_id
+            torch.save(ckpt, os.path.join(path, name))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_resuming_an_older_checkpoint_never_overwrites_a_newer_one(full_run, data_dir, tmp_path):
+    run = copy_run(full_run, tmp_path / 'run')
+    older = load(os.path.join(run, 'last.pt'))
+    older['step'], older['epoch'] = 7, 1          # as a best.pt from epoch 1 would be
+    torch.save(older, os.path.join(run, 'best.pt'))
+    before = folder_bytes(run)
+    refused = script('train.py', '--resume', os.path.join(run, 'best.pt'), '--data-dir', data_dir)
+    assert_one_line_error(refused, 2, 'step 14, past', '--out-dir')
+    assert folder_bytes(run) == before
+    # branching into a new folder is the way: a new run, that says where it came from
+    branch = str(tmp_path / 'branch')
+    result = script('train.py', '--resume', os.path.join(run, 'best.pt'), '--out-dir', branch, '--data-dir', data_dir)
+    assert result.returncode == 0, result.stderr
+    assert folder_bytes(run) == before
+    config = json.load(open(os.path.join(branch, 'config.json')))
+    assert config['branched_from'] == load(os.path.join(run, 'last.pt'))['run_id'] != config['run_id']
+    assert load(os.path.join(branch, 'last.pt'))['run_id'] == config['run_id']
+
+
+@pytest.mark.slow
+def test_a_folder_holding_another_run_is_never_written_into(full_run, data_dir, tmp_path):
+    a = copy_run(full_run, tmp_path / 'a')
+    b = copy_run(full_run, tmp_path / 'b', run_id='another')
+    before = folder_bytes(b)
+    result = script('train.py', '--resume', os.path.join(a, 'last.pt'), '--out-dir', b, '--epochs', 3,
+                    '--data-dir', data_dir)
+    assert_one_line_error(result, 2, 'holds another run', 'another')
+    assert folder_bytes(b) == before
+
+
+@pytest.mark.slow
+def test_resuming_on_other_data_is_refused(full_run, tmp_path):
+    run = copy_run(full_run, tmp_path / 'run')
+    other = make_mnist(str(tmp_path / 'other'), n=100, seed=1)   # same sizes, other pixels
+    before = folder_bytes(run)
+    result = script('train.py', '--resume', os.path.join(run, 'last.pt'), '--epochs', 3, '--data-dir', other)
+    assert_one_line_error(result, 1, 'not the data this run trained on', '--data-dir')
+    assert folder_bytes(run) == before
+
+
+@pytest.mark.slow
+def test_a_second_training_into_a_folder_in_use_is_refused_and_a_killed_ones_lock_is_not(data_dir, tmp_path):
+    out = str(tmp_path / 'busy')
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', **OFFLINE}
+    first = subprocess.Popen([sys.executable, os.path.join(HERE, 'train.py'), '--data-dir', data_dir, '--out-dir',
+                              out, '--epochs', '50', *TINY_RUN], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, env=env, cwd=HERE)
+    try:
+        for line in first.stdout:
+            if line.startswith('epoch 1:'):   # last.pt exists
+                break
+        second = script('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir)
+        assert_one_line_error(second, 1, f'{out} is in use by another training (pid {first.pid})')
+    finally:
+        first.kill()
+        first.wait()
+    open(os.path.join(out, 'last.pt.tmp999999'), 'wb').close()   # as a process killed mid-write leaves
+    step = load(os.path.join(out, 'last.pt'))['step']
+    third = script('train.py', '--resume', os.path.join(out, 'last.pt'), '--max-steps', step + 1,
+                   '--data-dir', data_dir)
+    assert third.returncode == 0, third.stderr
+    assert load(os.path.join(out, 'last.pt'))['step'] == step + 1
+    assert not [n for n in os.listdir(out) if '.tmp' in n]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kill_after', [6, 7, 8, 9, 10])
+def test_a_kill_at_each_write_of_an_epoch_end_loses_nothing(full_run, data_dir, tmp_path, kill_after):
+    """Epoch 1 writes 5 files (best.pt, metrics.csv, curves.png, the grid, last.pt: the commit point); a SIGKILL
+    after each write of epoch 2's sequence, then --resume, gives the uninterrupted run's files."""
+    out = str(tmp_path / 'killed')
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'REALNVP_KILL_AFTER_WRITES': str(kill_after), **OFFLINE}
+    killed = subprocess.run([sys.executable, os.path.join(HERE, 'train.py'), '--data-dir', data_dir, '--out-dir', out,
+                             '--epochs', '2', *TINY_RUN], capture_output=True, text=True, env=env, cwd=HERE)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = script('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir, '--num-threads', 1)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_weights(os.path.join(out, 'last.pt'), os.path.join(full_run, 'last.pt'))
+    assert_same_weights(os.path.join(out, 'best.pt'), os.path.join(full_run, 'best.pt'))
+
+    def rows(run):
+        return [r.split(',')[:4] for r in open(os.path.join(run, 'metrics.csv')).read().strip().splitlines()]
+    assert rows(out) == rows(full_run) and len(rows(out)) == 3
+    assert os.path.isfile(os.path.join(out, 'samples_epoch002.png'))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('flags', [['--lr', '1e10'], ['--weight-decay', '1e300']])
+def test_a_run_that_goes_non_finite_stops_and_saves_nothing_non_finite(data_dir, tmp_path, flags):
+    out = str(tmp_path / 'bad')
+    result = script('train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 3, *flags, *TINY_RUN)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert 'not finite' in result.stdout or 'non-finite' in result.stdout
+    for name in ('last.pt', 'best.pt'):
+        if os.path.exists(os.path.join(out, name)):
+            ckpt = load(os.path.join(out, name))
+            assert realnvp.non_finite_tensor({k: ckpt[k] for k in ('model', 'train_model', 'optimizer')}) is None
+
+
+def test_a_full_disk_while_saving_leaves_the_old_checkpoint_and_no_temporary(tmp_path, monkeypatch):
+    path = str(tmp_path / 'last.pt')
+    realnvp.write_atomically(b'old', path)
+
+    def full(fd):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(os, 'fsync', full)
+    with pytest.raises(realnvp.CheckpointError, match='could not write .*No space left on device.*untouched'):
+        realnvp.write_atomically(b'new', path)
+    assert open(path, 'rb').read() == b'old' and os.listdir(tmp_path) == ['last.pt']
+
+
+def test_digits_are_a_set_and_epochs_0_says_nothing_was_saved(data_dir, tmp_path, capsys):
+    import train
+    args, _, _ = train.parse_args(train.build_parser(), ['--digits', '2', '0', '2'])
+    assert args.digits == [0, 2]
+    out = str(tmp_path / 'zero')
+    assert train.main(['--data-dir', data_dir, '--out-dir', out, '--epochs', '0', *TINY_RUN]) == 0
+    assert 'trains nothing; no checkpoint written' in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(out, 'last.pt'))
+
+
+# -----------------------------------------------------------------------------
 # sample.py and evaluate.py
 
 
@@ -762,13 +910,40 @@ BAD_INPUT = [
     ('train.py', ['--image-size', '7', '--data-dir', '{data}'], 2, ['image size 7']),
     ('sample.py', ['--ckpt', '{tmp}/missing.pt'], 1, ['not found']),
     ('evaluate.py', ['--ckpt', '{corrupt}', '--data-dir', '{data}'], 1, ['cannot be read']),
-    ('sample.py', ['--ckpt', '{misfit}'], 1, ['do not fit its config']),
+    ('sample.py', ['--ckpt', '{misfit}'], 1, ['do not fit its config', 'of another shape', 'in_conv']),
     ('train.py', ['--data-dir', '{empty}', '--out-dir', '{tmp}/new', *TINY_RUN], 1,
      ['MNIST not found', 'train-images-idx3-ubyte', '--data-dir']),
     ('train.py', ['--data-dir', '{data}', '--out-dir', '{run}', *TINY_RUN], 2, ['already holds', '--resume']),
     ('train.py', ['--resume', '{run}/last.pt', '--mid-channels', '8'], 2, ['--mid-channels differs']),
     ('evaluate.py', ['--runs-dir', '{tmp}/no-runs'], 1, ['no checkpoint found']),
     ('bench.py', ['--image-size', '10', '--num-scales', '3'], 2, ['image size 10']),
+    # a checkpoint with a NaN weight is refused everywhere, and never blamed on --lr
+    ('sample.py', ['--ckpt', '{nonfinite}'], 1, ['not finite', 'in_norm']),
+    ('evaluate.py', ['--ckpt', '{nonfinite}', '--data-dir', '{data}'], 1, ['not finite']),
+    ('train.py', ['--resume', '{nonfinite}'], 2, ['not finite']),
+    # memory bounds
+    ('sample.py', ['--ckpt', '{best}', '--n', '100000'], 2, ['100000 images', 'at most 4096']),
+    ('sample.py', ['--ckpt', '{best}', '--interpolate', '--steps', '100000'], 2, ['--steps 100000', 'at most 4096']),
+    ('train.py', ['--image-size', '1000', '--data-dir', '{data}'], 2, ['GB', 'this machine has', '--image-size']),
+    # where things go
+    ('train.py', ['--out-dir', '{afile}', '--data-dir', '{data}'], 2, ['is a file']),
+    ('train.py', ['--out-dir', '{afile}/run', '--data-dir', '{data}'], 2, ['is a file']),
+    ('sample.py', ['--ckpt', '{best}', '--out', '{tmp}/grid.txt'], 2, ['image extension']),
+    ('sample.py', ['--ckpt', '{best}', '--out', '{tmp}'], 2, ['is a folder']),
+    ('sample.py', ['--ckpt', '{best}', '--out', '{afile}/grid.png'], 2, ['is a file']),
+    # values argparse alone would let through
+    ('train.py', ['--seed', str(2 ** 63)], 2, ['--seed', '2^63']),
+    ('evaluate.py', ['--seed', '-1'], 2, ['--seed']),
+    ('train.py', ['--device', 'meta'], 2, ['unknown device']),
+    ('bench.py', ['--lecture', '{tmp}/missing.txt'], 2, ['no such file']),
+    ('train.py', ['--resume', '{weightsonly}'], 2, ['not the state to resume']),
+    ('train.py', ['--resume', '{run}/last.pt', '--max-steps', '3'], 2, ['not past', 'step 14']),
+    ('train.py', ['--resume', '{tmp}/missing.pt'], 2, ['not found']),
+    # data that is not there, or broken
+    ('train.py', ['--data-dir', '{badgz}', '--out-dir', '{tmp}/new', *TINY_RUN], 1,
+     ['t10k-images-idx3-ubyte.gz', 'cannot be read']),
+    ('train.py', ['--data-dir', '{notest}', '--out-dir', '{tmp}/new', *TINY_RUN], 1, ['test split', 'no images']),
+    ('train.py', ['--resume', '{garbage}/last.pt', '--data-dir', '{data}'], 1, ['metrics.csv', 'move it away']),
 ]
 
 
@@ -781,8 +956,27 @@ def bad_files(full_run, data_dir, tmp_path_factory):
     misfit['config']['mid_channels'] = 8
     torch.save(misfit, tmp / 'misfit.pt')
     (tmp / 'empty').mkdir()
+    nonfinite = load(best)
+    key = next(k for k in nonfinite['model'] if 'in_norm.weight' in k)
+    nonfinite['model'][key][0] = float('nan')
+    torch.save(nonfinite, tmp / 'nonfinite.pt')
+    torch.save({k: v for k, v in load(best).items() if k in ('config', 'model')}, tmp / 'weightsonly.pt')
+    (tmp / 'afile').write_text('not a folder')
+    badgz = make_mnist(str(tmp / 'badgz'), n=20, gz=True)
+    path = os.path.join(badgz, 'MNIST', 'raw', 't10k-images-idx3-ubyte.gz')
+    data = open(path, 'rb').read()
+    open(path, 'wb').write(data[:len(data) // 2])   # a truncated download
+    notest = make_mnist(str(tmp / 'notest'), n=20)
+    from conftest import write_idx
+    write_idx(os.path.join(notest, 'MNIST', 'raw', 't10k-images-idx3-ubyte'), np.zeros((0, 28, 28)))
+    write_idx(os.path.join(notest, 'MNIST', 'raw', 't10k-labels-idx1-ubyte'), np.zeros((0,)))
+    garbage = tmp / 'garbage'
+    shutil.copytree(full_run, garbage)
+    (garbage / 'metrics.csv').write_text('\x00\x01 not, a csv\nat all')
     return dict(best=best, run=full_run, data=data_dir, tmp=str(tmp), corrupt=str(tmp / 'corrupt.pt'),
-                misfit=str(tmp / 'misfit.pt'), empty=str(tmp / 'empty'))
+                misfit=str(tmp / 'misfit.pt'), empty=str(tmp / 'empty'), nonfinite=str(tmp / 'nonfinite.pt'),
+                weightsonly=str(tmp / 'weightsonly.pt'), afile=str(tmp / 'afile'), badgz=badgz, notest=notest,
+                garbage=str(garbage))
 
 
 def folder_bytes(path):
@@ -960,5 +1154,22 @@ def test_bench_reports_consistent_figures():
     params, forward, step = bench.count_flops(RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1))
     assert r['parameters'] == params and r['gflop_train_step_per_image'] == step / 1e9
     assert abs(r['achieved_gflop_per_s'] - r['gflop_train_step_per_image'] * r['train_images_per_s']) < 1e-6 * r['achieved_gflop_per_s']
-    assert abs(r['ratio_to_fp32_matmul'] - r['achieved_gflop_per_s'] / r['matmul_fp32_gflop_per_s']) < 1e-9
+    ceiling = max(r['matmul_fp32_gflop_per_s'], r['conv_fp32_gflop_per_s'])
+    assert r['ceiling_fp32_gflop_per_s'] == ceiling and r['ceiling_dtype'] == 'fp32'
+    assert abs(r['ratio_to_ceiling'] - r['achieved_gflop_per_s'] / ceiling) < 1e-9
+    assert 0 < r['share_outside_convolutions'] < 1
+    assert r['ema_update_share_of_step'] > 0 and r['bn_refresh_batch_share_of_step'] > 0
     assert r['train_images_per_s'] > 0 and r['sample_images_per_s'] > 0 and r['eval_images_per_s'] > 0
+
+
+def test_bench_counts_convolution_flops_as_the_flop_counter_does():
+    import bench
+    from torch.utils.flop_counter import FlopCounterMode
+    shapes = bench.conv_shapes(RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1), batch_size=3)
+    assert {w[2] for _, w, _ in shapes} == {1, 3} and len(shapes) >= 6
+    for x_shape, w_shape, padding in shapes:
+        x = torch.randn(x_shape, requires_grad=True)
+        w = torch.randn(w_shape, requires_grad=True)
+        with FlopCounterMode(display=False) as counter:
+            torch.nn.functional.conv2d(x, w, padding=padding).sum().backward()
+        assert counter.get_total_flops() == bench.conv_step_flops((x_shape, w_shape, padding))

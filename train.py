@@ -121,7 +121,9 @@ def parse_args(parser, argv=None):
     try:
         ckpt = apply_resume_policy(args, given_flags(parser, argv))
         fill_recipe(args)
-        R.config_from_args(args)  # the architecture can take these sizes
+        config = R.config_from_args(args)  # the architecture can take these sizes
+        R.check_memory(config.activation_bytes(args.batch_size), f'a training step of {args.batch_size} images '
+                       f'at {args.image_size}x{args.image_size}', 'a smaller --batch-size or --image-size')
         if ckpt is not None and args.max_steps and args.max_steps <= ckpt['step']:
             raise ValueError(f'--max-steps {args.max_steps} is not past the checkpoint\'s step {ckpt["step"]}: '
                              f'there is nothing to train')
