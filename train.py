@@ -36,7 +36,7 @@ import realnvp as R
 
 # The training recipes: settings that --recipe fills in where no flag gives them.
 RECIPES = {
-    'default': dict(lr=1e-3, weight_decay=5e-5, warmup_steps=100, ema_decay=0.999, bn_refresh=20),
+    'default': dict(lr=1e-3, weight_decay=5e-5, warmup_steps=0, ema_decay=0.999, bn_refresh=20),
     'lecture': dict(lr=1e-3, weight_decay=0.0, warmup_steps=0, ema_decay=0.0, bn_refresh=0),
 }
 OLD_RECIPE = 'lecture'  # the recipe of checkpoints written before --recipe existed
@@ -59,7 +59,7 @@ def build_parser():
     a('--weight-decay', type=R.non_negative_float, default=None,
       help='[recipe] L2 penalty on the weight-norm scales only, as in the RealNVP paper (default 5e-5; lecture 0)')
     a('--warmup-steps', type=R.non_negative_int, default=None, metavar='N',
-      help='[recipe] raise the learning rate linearly over the first N steps (default 100; lecture 0)')
+      help='[recipe] raise the learning rate linearly over the first N steps (default 0; lecture 0)')
     a('--ema-decay', type=unit_interval, default=None, metavar='D',
       help='[recipe] evaluate, sample and save the average of the weights over about 1/(1-D) steps; 0 keeps '
            'the trained weights (default 0.999; lecture 0)')
@@ -130,9 +130,7 @@ def parse_args(parser, argv=None):
         if args.out_dir:
             check_out_dir(args.out_dir)
             check_run_folder(args, ckpt)
-        own_folder = ckpt is not None and os.path.exists(os.path.join(args.out_dir, 'last.pt'))
-        args.run_id = ckpt.get('run_id') if own_folder and ckpt.get('run_id') else uuid.uuid4().hex[:12]
-        args.branched_from = ckpt.get('run_id', args.resume) if ckpt is not None and not own_folder else None
+        name_run(args, ckpt)
         return args, ckpt, R.pick_device(args.device)
     except ValueError as e:
         parser.error(str(e))
@@ -173,6 +171,14 @@ def check_run_folder(args, ckpt):
     if theirs['step'] > ckpt['step']:
         raise ValueError(f'{last} is at step {theirs["step"]}, past {args.resume} (step {ckpt["step"]}); resuming '
                          f'would overwrite it: to branch from this checkpoint pass a new --out-dir')
+
+
+def name_run(args, ckpt):
+    """args.run_id: the checkpoint's when resuming in its own folder, a new one for a new run or a branch
+    (which records in args.branched_from the run, or for older checkpoints the file, it came from)."""
+    own_folder = ckpt is not None and os.path.exists(os.path.join(args.out_dir, 'last.pt'))
+    args.run_id = ckpt.get('run_id') if own_folder and ckpt.get('run_id') else uuid.uuid4().hex[:12]
+    args.branched_from = ckpt.get('run_id', args.resume) if ckpt is not None and not own_folder else None
 
 
 def same_run(theirs, ckpt, last, resume):
@@ -299,7 +305,11 @@ class TorchDist(Dist):
         return tensor[self.rank::self.world]
 
     def wrap(self, model):
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+        """DDP without broadcasting buffers at every forward: in train mode batch norm uses batch statistics, the
+        running ones are averaged over the ranks before they are saved, and the users' model gets statistics
+        recomputed the same way on every rank."""
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
+                                       broadcast_buffers=False, gradient_as_bucket_view=True)
 
     def average_buffers(self, model):
         """Average the batch-norm running statistics over the ranks: each saw only its own batches."""
