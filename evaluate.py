@@ -69,7 +69,7 @@ def write_worst(images, bpd, n, path):
     order = bpd.argsort(descending=True)[:n]
     cols = min(8, len(order))
     rows = math.ceil(len(order) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 2.0 * rows), squeeze=False, layout='constrained')
     for ax in axes.flat:
         ax.axis('off')
     for ax, i in zip(axes.flat, order.tolist()):
@@ -77,7 +77,6 @@ def write_worst(images, bpd, n, path):
         ax.imshow(image, cmap='gray', vmin=0, vmax=255, interpolation='nearest')
         ax.set_title(f'#{i}: {bpd[i]:.2f}', fontsize=9)
     fig.suptitle(f'the {len(order)} least likely images (index: bpd)', fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return order

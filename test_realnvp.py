@@ -938,7 +938,7 @@ BAD_INPUT = [
     ('bench.py', ['--lecture', '{tmp}/missing.txt'], 2, ['no such file']),
     ('train.py', ['--resume', '{weightsonly}'], 2, ['not the state to resume']),
     ('train.py', ['--resume', '{run}/last.pt', '--max-steps', '3'], 2, ['not past', 'step 14']),
-    ('train.py', ['--resume', '{tmp}/missing.pt'], 2, ['not found']),
+    ('train.py', ['--resume', '{tmp}/missing.pt'], 2, ['not found', 'give the path of a best.pt']),  # not '--ckpt'
     # data that is not there, or broken
     ('train.py', ['--data-dir', '{badgz}', '--out-dir', '{tmp}/new', *TINY_RUN], 1,
      ['t10k-images-idx3-ubyte.gz', 'cannot be read']),
