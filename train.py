@@ -305,11 +305,7 @@ class TorchDist(Dist):
         return tensor[self.rank::self.world]
 
     def wrap(self, model):
-        """DDP without broadcasting buffers at every forward: in train mode batch norm uses batch statistics, the
-        running ones are averaged over the ranks before they are saved, and the users' model gets statistics
-        recomputed the same way on every rank."""
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
-                                       broadcast_buffers=False, gradient_as_bucket_view=True)
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
 
     def average_buffers(self, model):
         """Average the batch-norm running statistics over the ranks: each saw only its own batches."""
