@@ -358,7 +358,7 @@ class RealNVP(nn.Module):
     def decode(self, z, batch_size=256):
         """Latents (n, C, H, W) -> images in [0, 1], in eval mode, `batch_size` at a time (memory does not grow
         with n); the model's mode is restored."""
-        with eval_mode(self):
+        with in_mode(self, False):
             return torch.cat([self.postprocess(self(chunk, reverse=True)[0]) for chunk in z.split(batch_size)])
 
     def sample(self, n, temperature=1.0, generator=None):
@@ -467,15 +467,13 @@ def refresh_batch_norm(model, batches):
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average
-    was_training = model.training
-    model.train()
     try:
-        for x, noise in batches:
-            model(x, noise=noise, validate=False)
+        with in_mode(model, True):
+            for x, noise in batches:
+                model(x, noise=noise, validate=False)
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
-        model.train(was_training)
 
 
 # -----------------------------------------------------------------------------
@@ -607,10 +605,10 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 @contextmanager
-def eval_mode(model):
-    """Run a block with `model` in eval mode, then put back the mode it had."""
+def in_mode(model, training):
+    """Run a block with `model` in train (`training=True`) or eval mode, then put back the mode it had."""
     was_training = model.training
-    model.eval()
+    model.train(training)
     try:
         yield model
     finally:
@@ -626,7 +624,7 @@ def nll_per_image(model, images, batch_size=512, dequant_samples=1):
     device = next(model.parameters()).device
     loss_fn = RealNVPLoss(reduction='none')
     out = []
-    with eval_mode(model):
+    with in_mode(model, False):
         for batch in images.split(batch_size):
             x = batch.to(device).float() / 255.0                     # (b, C, H, W) in [0, 1]
             draws = torch.stack([loss_fn(*model(x, validate=False)) for _ in range(dequant_samples)])  # (K, b)
@@ -639,7 +637,7 @@ def nll_terms_per_image(model, images, batch_size=512):
     """`nll_terms` of each uint8 image (N, C, H, W), one dequantisation draw, in eval mode: {term: (N,)}."""
     device = next(model.parameters()).device
     parts = []
-    with eval_mode(model):
+    with in_mode(model, False):
         for batch in images.split(batch_size):
             parts.append(nll_terms(model, batch.to(device).float() / 255.0))
     return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
@@ -653,6 +651,18 @@ def save_grid(images, path, nrow=None, scale=None):
     grid = make_grid(images, nrow=nrow or math.ceil(math.sqrt(len(images))), padding=1, pad_value=1.0)
     scale = scale or max(1, math.ceil(56 / images.shape[-2]))
     save_image(grid.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1), path)
+
+
+def check_writable_folder(folder, what):
+    """Raise a one-line ValueError unless `folder` is, or can be created as, a folder this process can write in:
+    its nearest existing ancestor must be a writable folder, not a file."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ValueError(f'{what}: {path} is a file, not a folder')
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f'{what}: {path} is not writable')
 
 
 def check_memory(needed, what, advice):

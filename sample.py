@@ -66,11 +66,10 @@ def check_args(parser, args):
             parser.error(f'--out {args.out} is a folder; give a file name ending in .png')
         if os.path.splitext(args.out)[1].lower() not in ('.png', '.jpg', '.jpeg'):
             parser.error(f'--out {args.out} needs an image extension: .png (or .jpg)')
-        parent = os.path.dirname(os.path.abspath(args.out))
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent):
-            parser.error(f'--out {args.out}: {parent} is a file, not a folder')
+        try:
+            R.check_writable_folder(os.path.dirname(os.path.abspath(args.out)), f'--out {args.out}')
+        except ValueError as e:
+            parser.error(str(e))
 
 
 def main(argv=None):

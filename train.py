@@ -128,23 +128,12 @@ def parse_args(parser, argv=None):
             raise ValueError(f'--max-steps {args.max_steps} is not past the checkpoint\'s step {ckpt["step"]}: '
                              f'there is nothing to train')
         if args.out_dir:
-            check_out_dir(args.out_dir)
+            R.check_writable_folder(args.out_dir, f'--out-dir {args.out_dir}')
             check_run_folder(args, ckpt)
         name_run(args, ckpt)
         return args, ckpt, R.pick_device(args.device)
     except ValueError as e:
         parser.error(str(e))
-
-
-def check_out_dir(out_dir):
-    """--out-dir must be, or be creatable as, a folder this process can write in."""
-    path = os.path.abspath(out_dir)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        raise ValueError(f'--out-dir {out_dir}: {path} is a file, not a folder')
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f'--out-dir {out_dir}: {path} is not writable')
 
 
 def check_run_folder(args, ckpt):
