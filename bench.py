@@ -177,8 +177,8 @@ def conv_shapes(config, batch_size):
     model = R.RealNVP(config)
     shapes = set()
     hooks = [m.register_forward_hook(lambda mod, args, out: shapes.add(
-        (tuple(args[0].shape), tuple(mod.weight.shape), tuple(mod.padding))))
-        for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        (tuple(args[0].shape), tuple(mod.weight_v.shape), (mod.padding, mod.padding))))
+        for m in model.modules() if isinstance(m, R.WNConv2d)]
     with torch.no_grad():
         model(torch.rand(batch_size, config.in_channels, config.img_size, config.img_size))
     for h in hooks:

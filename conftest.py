@@ -1,5 +1,6 @@
 """Shared test helpers and fixtures: tiny models, brute-force log-determinants, a tiny MNIST in IDX files,
 the scripts run in subprocesses, and a trained run that several tests read."""
+import copy
 import gzip
 import os
 import subprocess
@@ -9,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 from torch.autograd.functional import jacobian
+from torch.nn.utils.parametrizations import weight_norm
 
-from realnvp import RealNVP
+from realnvp import RealNVP, Rescale, WNConv2d
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NOTEBOOK = os.path.join(HERE, '..', 'shared', 'seed', '000_3ef8c274db9a0617.txt')
 TINY = dict(mid_channels=4, num_blocks=1)
 TINY_RUN = ['--image-size', '8', '--mid-channels', '4', '--num-blocks', '1', '--batch-size', '16',
-            '--num-threads', '1']
+            '--num-threads', '1', '--no-amp']   # fp32: the same numbers on every machine
 OFFLINE = {'http_proxy': 'http://127.0.0.1:9', 'https_proxy': 'http://127.0.0.1:9',
            'HTTP_PROXY': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9'}
 
@@ -48,6 +50,50 @@ def tiny_model(channels, size, scales, seed=0):
     torch.manual_seed(seed)
     model = RealNVP(in_channels=channels, img_size=size, num_scales=scales, **TINY).double()
     return perturb_and_settle(model, (channels, size, size), seed)
+
+
+class _LegacyRescale(torch.nn.Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.clone())
+
+    def forward(self, x):
+        return self.weight * x
+
+
+class _LegacyWNConv2d(torch.nn.Module):
+    """WNConv2d as it was: an nn.Conv2d under torch's weight-norm parametrization."""
+
+    def __init__(self, new):
+        super().__init__()
+        v = new.weight_v.detach()
+        conv = torch.nn.Conv2d(v.shape[1], v.shape[0], v.shape[2], padding=new.padding, bias=new.bias is not None)
+        self.conv = weight_norm(conv.to(v.dtype))
+        with torch.no_grad():
+            if new.bias is not None:
+                self.conv.bias.copy_(new.bias)
+            self.conv.parametrizations.weight.original0.copy_(new.weight_g)
+            self.conv.parametrizations.weight.original1.copy_(v)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def legacy_model(model):
+    """A copy of `model` built as before the weight-norm parameters moved into WNConv2d and Rescale (torch's
+    `parametrizations.weight_norm`, the form of older checkpoints and of the lecture), with the same values."""
+    legacy = copy.deepcopy(model)
+    for name, module in list(legacy.named_modules()):
+        if isinstance(module, (WNConv2d, Rescale)):
+            parent, _, attr = name.rpartition('.')
+            if isinstance(module, WNConv2d):
+                replacement = _LegacyWNConv2d(module)
+            else:
+                replacement = weight_norm(_LegacyRescale(module.weight_v.detach()))
+                with torch.no_grad():
+                    replacement.parametrizations.weight.original0.copy_(module.weight_g)
+            setattr(legacy.get_submodule(parent), attr, replacement)
+    return legacy
 
 
 def logdet(f, x):

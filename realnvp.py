@@ -22,6 +22,7 @@ import gzip
 import io
 import math
 import os
+import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,8 +32,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import weight_norm
 
 # -----------------------------------------------------------------------------
 # 1. Squeeze and masks (paper Section 3.4, Figure 3)
@@ -89,26 +88,58 @@ def checkerboard_mask(height, width, reverse=False, dtype=torch.float32, device=
 # 2. The s/t networks: weight-normed ResNets (paper Section 4.1)
 
 
+def _weight_norm(g, v):
+    """g * v / ||v||, the norm over every dim but the first (one per output channel): torch's fused kernel,
+    the one `torch.nn.utils.parametrizations.weight_norm` calls, so the numbers are the same as with it."""
+    return torch._weight_norm(v, g, 0)
+
+
 class Rescale(nn.Module):
     """Per-channel scale y = w_c * x; weight-normed, so w = g * v / |v| (paper Section 4.1)."""
 
     def __init__(self, num_channels):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_channels, 1, 1))
+        self.weight_g = nn.Parameter(torch.ones(num_channels, 1, 1))
+        self.weight_v = nn.Parameter(torch.ones(num_channels, 1, 1))
 
     def forward(self, x):
-        return self.weight * x
+        return _weight_norm(self.weight_g, self.weight_v) * x
 
 
 class WNConv2d(nn.Module):
-    """Weight-normalised convolution, W = g * V / ||V|| per output channel (Salimans & Kingma 2016)."""
+    """Weight-normalised convolution, W = g * V / ||V|| per output channel (Salimans & Kingma 2016).
+
+    W is computed in `forward` from plain parameters (bias, weight_g, weight_v, in the order and with the
+    values that `parametrizations.weight_norm` had; older checkpoints load through `upgrade_state_dict`):
+    one class for all convolutions, so torch.compile traces one graph for them, not one per convolution."""
 
     def __init__(self, in_channels, out_channels, kernel_size, padding, bias=True):
         super().__init__()
-        self.conv = weight_norm(nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=bias))
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=bias)  # its initialisation
+        self.padding = padding
+        self.bias = nn.Parameter(conv.bias.detach()) if bias else None
+        self.weight_g = nn.Parameter(conv.weight.detach().flatten(1).norm(dim=1).view(-1, 1, 1, 1))  # (out, 1, 1, 1)
+        self.weight_v = nn.Parameter(conv.weight.detach())
 
     def forward(self, x):
-        return self.conv(x)
+        return F.conv2d(x, _weight_norm(self.weight_g, self.weight_v), self.bias, padding=self.padding)
+
+
+# The names torch.nn.utils.parametrizations.weight_norm gave these parameters, in checkpoints written before
+# WNConv2d and Rescale held them directly.
+_OLD_NAMES = [(re.compile(r'(\.conv)?\.parametrizations\.weight\.original0$'), '.weight_g'),
+              (re.compile(r'(\.conv)?\.parametrizations\.weight\.original1$'), '.weight_v'),
+              (re.compile(r'\.conv\.bias$'), '.bias')]
+
+
+def upgrade_state_dict(state):
+    """A model state dict with the parameter names of this version (older checkpoints' are renamed)."""
+    renamed = {}
+    for key, value in state.items():
+        for pattern, new in _OLD_NAMES:
+            key = pattern.sub(new, key)
+        renamed[key] = value
+    return renamed
 
 
 class ResidualBlock(nn.Module):
@@ -175,7 +206,7 @@ class CouplingLayer(nn.Module):
             in_channels //= 2
         self.st_net = ResNet(in_channels, mid_channels, 2 * in_channels, num_blocks,
                              double_after_norm=self.mask_type == MaskType.CHECKERBOARD)
-        self.rescale = weight_norm(Rescale(in_channels))
+        self.rescale = Rescale(in_channels)
 
     def _scale_translate(self, x_id):
         # The s/t net may run in bf16 under autocast; the coupling arithmetic stays in x's dtype.
@@ -319,6 +350,11 @@ class RealNVP(nn.Module):
     def shape(self):
         return (self.config.in_channels, self.config.img_size, self.config.img_size)
 
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """As nn.Module's, also for state dicts of checkpoints written before the weight-norm parameters
+        were renamed (`upgrade_state_dict`)."""
+        return super().load_state_dict(upgrade_state_dict(state_dict), strict=strict, assign=assign)
+
     def forward(self, x, reverse=False, noise=None, validate=True):
         """data -> (z, sldj) with x in [0, 1]; or, with `reverse=True`, latent -> (logits, None).
 
@@ -414,12 +450,8 @@ def bits_per_dim(x, nll):
 def get_param_groups(model, weight_decay):
     """Two Adam groups: the weight-norm scales g (L2 `weight_decay`, paper Section 4.1) and the rest (none).
 
-    With `torch.nn.utils.parametrizations.weight_norm` the scale g is `parametrizations.weight.original0`
-    (the old `weight_g` name that the lecture selects no longer exists)."""
-    scales = []
-    for module in model.modules():
-        if parametrize.is_parametrized(module, 'weight'):
-            scales.append(module.parametrizations.weight.original0)
+    The scales are the `weight_g` of every WNConv2d and Rescale (the lecture selects them by that name too)."""
+    scales = [p for name, p in model.named_parameters() if name.endswith('weight_g')]
     scale_ids = {id(p) for p in scales}
     others = [p for p in model.parameters() if id(p) not in scale_ids]
     return [{'name': 'weight_norm_scales', 'params': scales, 'weight_decay': weight_decay},
@@ -697,6 +729,21 @@ def pick_device(name=None):
     return device
 
 
+def native_bf16(device):
+    """(bool, why): whether `device` runs bf16 matrix work in hardware, so that --amp is the faster default: a
+    CUDA GPU of compute capability 8.0 or later, a CPU with AMX or AVX-512 BF16; not MPS."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        major, minor = torch.cuda.get_device_capability(device)
+        return major >= 8, f'a CUDA GPU of compute capability {major}.{minor}'
+    if device.type == 'cpu':
+        for what, check in (('AMX', '_is_amx_tile_supported'), ('AVX-512 BF16', '_is_avx512_bf16_supported')):
+            if getattr(torch.cpu, check, lambda: False)():   # private in torch: a version without it says no
+                return True, f'a CPU with {what}'
+        return False, 'a CPU without AVX-512 BF16 or AMX'
+    return False, f'{device.type}'
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not fit; the message says which and what to do."""
 
@@ -778,7 +825,7 @@ def state_dict_mismatch(model, state):
     """'' when `state` fits `model`, else what does not: missing and unexpected names, shapes that differ."""
     if not isinstance(state, dict):
         return 'the weights are not a state dict'
-    own = model.state_dict()
+    own, state = model.state_dict(), upgrade_state_dict(state)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f'{k} is {tuple(state[k].shape)}, the model wants {tuple(v.shape)}' for k, v in own.items()

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import realnvp
-from conftest import (HERE, NOTEBOOK, OFFLINE, TINY, TINY_RUN, assert_one_line_error, assert_same_weights, load,
-                      logdet, make_mnist, perturb_and_settle, script, tiny_model)
+from conftest import (HERE, NOTEBOOK, OFFLINE, TINY, TINY_RUN, assert_one_line_error, assert_same_weights,
+                      legacy_model, load, logdet, make_mnist, perturb_and_settle, script, tiny_model)
 from realnvp import (CouplingLayer, DataNotFoundError, ImageDataset, MaskType, RealNVP, RealNVPConfig,
                      RealNVPLoss, WNConv2d, bits_per_dim, checkerboard_mask, get_param_groups, read_idx,
                      squeeze_2x2)
@@ -257,7 +257,7 @@ def test_same_weights_give_the_lecture_models_latent_and_log_det(channels, size,
     lecture = bench.lecture_code(NOTEBOOK)
     ours = tiny_model(channels, size, scales)
     theirs = bench.lecture_model(lecture, ours.config, torch.device('cpu')).double()
-    state = ours.state_dict()
+    state = legacy_model(ours).state_dict()   # the lecture's weight-norm parameter names
     missing, unexpected = theirs.load_state_dict(state, strict=False)
     assert missing == ['data_constraint'] and unexpected == []
     theirs.data_constraint.fill_(0.9)  # its buffer was float32 0.9 before .double(); ours is the float64 0.9
@@ -299,20 +299,68 @@ def test_param_groups_select_exactly_the_weight_norm_scales():
     groups = get_param_groups(model, 5e-5)
     scales, others = groups[0]['params'], groups[1]['params']
     assert groups[0]['weight_decay'] == 5e-5 and groups[1]['weight_decay'] == 0.0
-    names = {id(p): n for n, p in model.named_parameters()}
-    expected = {n for n in names.values() if n.endswith('parametrizations.weight.original0')}
-    assert {names[id(p)] for p in scales} == expected
-    n_wn = sum(isinstance(m, (WNConv2d, realnvp.Rescale)) for m in model.modules())
-    assert len(scales) == n_wn > 0
+    wn = [m for m in model.modules() if isinstance(m, (WNConv2d, realnvp.Rescale))]
+    assert len(scales) == len(wn) > 0
     # g has one entry per output channel; the direction v is not in the group
-    for m in model.modules():
-        if isinstance(m, WNConv2d):
-            assert any(p is m.conv.parametrizations.weight.original0 for p in scales)
-            assert all(p is not m.conv.parametrizations.weight.original1 for p in scales)
+    for m in wn:
+        assert any(p is m.weight_g for p in scales)
+        assert all(p is not m.weight_v for p in scales)
     assert len(scales) + len(others) == len(list(model.parameters()))
     assert not {id(p) for p in scales} & {id(p) for p in others}
-    # the lecture's suffix selects nothing under the parametrizations API
-    assert not [n for n in names.values() if n.endswith('weight_g')]
+
+
+def old_param_groups(legacy):
+    """The optimizer groups as get_param_groups made them under torch's weight-norm parametrization."""
+    from torch.nn.utils import parametrize
+    scales = [m.parametrizations.weight.original0 for m in legacy.modules()
+              if parametrize.is_parametrized(m, 'weight')]
+    ids = {id(p) for p in scales}
+    return [scales, [p for p in legacy.parameters() if id(p) not in ids]]
+
+
+def test_weight_norm_modules_compute_what_torchs_parametrization_computed():
+    """WNConv2d and Rescale hold g and v themselves: same values, outputs and gradients (float64) as the
+    nn.Conv2d under `parametrizations.weight_norm` they replace."""
+    model = tiny_model(1, 8, 2)
+    legacy = legacy_model(model)
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    noise = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    for m in (model, legacy):
+        m.train()
+        z, sldj = m(x, noise=noise)
+        (z.square().sum() + sldj.sum()).backward()
+    new_names = {id(p): n for n, p in model.named_parameters()}
+    old = dict(legacy.named_parameters())
+    for new_groups, old_groups in zip([g['params'] for g in get_param_groups(model, 0.0)], old_param_groups(legacy)):
+        # the same parameters in the same order: Adam's state in older checkpoints maps onto them
+        assert len(new_groups) == len(old_groups)
+        for p, q in zip(new_groups, old_groups):
+            assert p.shape == q.shape and torch.equal(p, q), new_names[id(p)]
+            assert (p.grad - q.grad).abs().max() < 1e-10, new_names[id(p)]
+    assert len(old) == len(list(model.parameters()))
+    model.eval(), legacy.eval()
+    assert torch.allclose(model(x, noise=noise)[0], legacy(x, noise=noise)[0], rtol=0, atol=1e-12)
+
+
+def test_state_dicts_with_the_parametrization_names_still_load(tmp_path):
+    """A checkpoint written before WNConv2d held g and v (keys `conv.parametrizations.weight.original0` ...)
+    loads into this version's model, also through load_checkpoint, and gives the same density."""
+    model = tiny_model(1, 8, 2)
+    old_state = legacy_model(model).state_dict()
+    assert any(k.endswith('conv.parametrizations.weight.original0') for k in old_state)
+    assert any(k.endswith('rescale.parametrizations.weight.original1') for k in old_state)
+    fresh = RealNVP(img_size=8, num_scales=2, **TINY).double().eval()
+    fresh.load_state_dict(old_state)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    path = str(tmp_path / 'old.pt')
+    torch.save(dict(config=asdict(model.config), model=old_state), path)
+    loaded, _ = realnvp.load_checkpoint(path)   # a float32 model, as checkpoints hold
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value.float()), key
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    noise = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    assert torch.allclose(fresh(x, noise=noise)[1], model(x, noise=noise)[1], rtol=0, atol=1e-12)
 
 
 def test_short_training_run_lowers_the_loss():
@@ -572,8 +620,26 @@ def test_train_writes_checkpoints_metrics_plot_and_grid(full_run):
     assert abs(load(os.path.join(full_run, 'best.pt'))['best_bpd'] - best_bpd) < 1e-4
     log = open(os.path.join(full_run, 'train.log')).read()
     assert 'seed 0' in log and 'epoch 2: train bpd' in log
+    assert 'bf16 autocast off' in log   # --no-amp, said at the start
     with open(os.path.join(full_run, 'config.json')) as f:
-        assert json.load(f)['model']['mid_channels'] == 4
+        config = json.load(f)
+    assert config['model']['mid_channels'] == 4 and config['args']['amp'] is False
+
+
+@pytest.mark.slow
+def test_resume_under_amp_equals_the_uninterrupted_run(data_dir, tmp_path):
+    """bf16 autocast (training, refresh and evaluation) resumes bit-exactly too."""
+    runs = {}
+    for name, steps in (('full', []), ('stopped', ['--max-steps', 10])):
+        runs[name] = str(tmp_path / name)
+        result = script('train.py', '--data-dir', data_dir, '--out-dir', runs[name], '--epochs', 2, *steps,
+                        *TINY_RUN, '--amp')
+        assert result.returncode == 0, result.stderr
+    assert 'bf16 autocast on' in open(os.path.join(runs['full'], 'train.log')).read()
+    second = script('train.py', '--resume', os.path.join(runs['stopped'], 'last.pt'), '--data-dir', data_dir,
+                    '--num-threads', 1)
+    assert second.returncode == 0, second.stderr
+    assert_same_weights(os.path.join(runs['stopped'], 'last.pt'), os.path.join(runs['full'], 'last.pt'))
 
 
 @pytest.mark.slow
@@ -778,6 +844,34 @@ def test_a_full_disk_while_saving_leaves_the_old_checkpoint_and_no_temporary(tmp
     with pytest.raises(realnvp.CheckpointError, match='could not write .*No space left on device.*untouched'):
         realnvp.write_atomically(b'new', path)
     assert open(path, 'rb').read() == b'old' and os.listdir(tmp_path) == ['last.pt']
+
+
+def test_every_batch_is_full_and_every_image_is_seen_each_epoch():
+    import train
+    order = torch.randperm(100)
+    filled = train.fill_batches(order, 7, 16)   # 100 images, batch 16: 7 steps, the last filled up
+    assert len(filled) == 7 * 16 and torch.equal(filled[:100], order) and torch.equal(filled[100:], order[:12])
+    assert torch.equal(train.fill_batches(torch.arange(3), 2, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+
+
+def test_native_bf16_reads_the_hardware(monkeypatch):
+    for amx, avx, expected in [(True, False, 'AMX'), (False, True, 'AVX-512 BF16'), (False, False, None)]:
+        monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: amx)
+        monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: avx)
+        native, why = realnvp.native_bf16('cpu')
+        assert native == (expected is not None) and (expected is None or expected in why)
+    monkeypatch.delattr(torch.cpu, '_is_amx_tile_supported')   # a torch without the check: no
+    assert realnvp.native_bf16('cpu')[0] is False
+    assert realnvp.native_bf16('mps')[0] is False
+
+
+@pytest.mark.parametrize('native', [True, False])
+def test_amp_is_on_by_default_exactly_where_bf16_is_native(monkeypatch, native):
+    import train
+    monkeypatch.setattr(realnvp, 'native_bf16', lambda device: (native, 'a test CPU'))
+    parse = lambda *flags: train.parse_args(train.build_parser(), ['--device', 'cpu', *flags])[0].amp
+    assert parse() is native
+    assert parse('--amp') is True and parse('--no-amp') is False
 
 
 def test_digits_are_a_set_and_epochs_0_says_nothing_was_saved(data_dir, tmp_path, capsys):
@@ -1104,7 +1198,7 @@ def test_answers_per_coupling_flops():
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             coupling(x, torch.zeros(1))
         measured.append((coupling.mask_type.name.lower().replace('_', '-'), 'x'.join(map(str, x.shape[1:])),
-                         coupling.st_net.in_conv.conv.out_channels, f'{counter.get_total_flops() / 1e9:.3f}'))
+                         coupling.st_net.in_conv.weight_v.shape[0], f'{counter.get_total_flops() / 1e9:.3f}'))
     expected = []
     for couplings, mask, runs_on, channels, gflop in answers_table('| couplings | mask |'):
         count = int(couplings.split(', ')[1])
