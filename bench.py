@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import realnvp as R
-from train import train_step
+from train import compile_model, train_step
 
 
 def build_parser():
@@ -135,7 +135,7 @@ def measure_training(args, config, device):
     """Training, sampling and evaluation throughput of this project's model, and the peak memory."""
     torch.manual_seed(0)
     model = R.RealNVP(config).to(device)
-    net = torch.compile(model) if args.compile else model
+    net = compile_model(model, device) if args.compile else model
     optimizer = R.make_optimizer(model, 1e-3, 5e-5, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
     images = torch.randint(0, 256, (args.batch_size, *model.shape), dtype=torch.uint8, device=device)
@@ -145,9 +145,15 @@ def measure_training(args, config, device):
         torch.cuda.reset_peak_memory_stats(device)
 
     def step():
+        if args.compile and device.type == 'cuda':
+            torch.compiler.cudagraph_mark_step_begin()
         train_step(net, optimizer, loss_fn, images.float() / 255.0, 100.0, autocast)
 
     model.train()
+    start = time.perf_counter()
+    step()   # with --compile: the compilation
+    synchronize(device)
+    first_s = time.perf_counter() - start
     for _ in range(args.warmup):
         step()
     train_s = timed(step, device, args.steps)
@@ -165,7 +171,7 @@ def measure_training(args, config, device):
         peak_mb, kind = torch.cuda.max_memory_allocated(device) / 2 ** 20, 'cuda allocated'
     else:
         peak_mb, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'process RSS'  # Linux KiB
-    return dict(train_images_per_s=args.batch_size / train_s, train_step_s=train_s, **shares,
+    return dict(train_images_per_s=args.batch_size / train_s, train_step_s=train_s, first_step_s=first_s, **shares,
                 **({'profile_table': table} if args.profile else {}),
                 ema_update_share_of_step=ema_s / train_s, bn_refresh_batch_share_of_step=refresh_s / train_s,
                 sample_images_per_s=args.batch_size / sample_s, eval_images_per_s=args.batch_size / eval_s,
@@ -215,6 +221,10 @@ def measure_ceiling(args, config, device, achieved):
     matmul and each of the model's convolution shapes timed alone; and the step's achieved share of it."""
     result = {}
     dtypes = [('fp32', torch.float32)] + ([('bf16', torch.bfloat16)] if args.amp else [])
+    if device.type == 'cuda':   # fp32 matmuls may run on TF32 tensor cores: their peak, for the record
+        torch.backends.cuda.matmul.allow_tf32 = True
+        result['matmul_tf32_gflop_per_s'] = matmul_flops_per_s(device, torch.float32) / 1e9
+        torch.backends.cuda.matmul.allow_tf32 = False
     for name, dtype in dtypes:
         matmul = matmul_flops_per_s(device, dtype)
         conv = max(conv_flops_per_s(shape, device, dtype) for shape in conv_shapes(config, args.batch_size))
@@ -230,6 +240,7 @@ def measure_ceiling(args, config, device, achieved):
 def measure_profile(step, device, steps=2):
     """The share of a training step's time spent outside convolutions (torch.profiler, self time by operator),
     and the operators' table."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     with profile(activities=activities) as prof:
@@ -240,7 +251,12 @@ def measure_profile(step, device, steps=2):
     ops = prof.key_averages()
     total = sum(getattr(op, key) for op in ops)
     conv = sum(getattr(op, key) for op in ops if 'conv' in op.key)
-    return dict(share_outside_convolutions=1.0 - conv / total), ops.table(sort_by=key, row_limit=15)
+    # on CUDA the kernels launched (what CUDA graphs replay at once); elsewhere the operators called
+    launches = sum(e.device_type == DeviceType.CUDA for e in prof.events()) if device.type == 'cuda' else \
+        sum(op.count for op in ops if op.key.startswith('aten::'))
+    return (dict(share_outside_convolutions=1.0 - conv / total, launches_per_step=launches / steps,
+                 launches_kind='CUDA kernels' if device.type == 'cuda' else 'aten operators'),
+            ops.table(sort_by=key, row_limit=15))
 
 
 def measure_lecture(args, config, device, train_step_s):
@@ -273,6 +289,9 @@ TABLE = [
     ('gflop_forward_per_image', 'GFLOP per image, forward', '{:.3f}'),
     ('gflop_train_step_per_image', 'GFLOP per image, training step', '{:.3f}'),
     ('train_images_per_s', 'training images/s (median)', '{:.1f}'),
+    ('first_step_s', 'first step, s (with --compile: the compilation)', '{:.1f}'),
+    ('launches_per_step', 'launches per step', '{:,.0f}'),
+    ('launches_kind', 'counted as', '{}'),
     ('ema_update_share_of_step', 'weight-average update / training step', '{:.3f}'),
     ('bn_refresh_batch_share_of_step', 'batch-norm refresh, per batch / training step', '{:.3f}'),
     ('sample_images_per_s', 'sampling images/s', '{:.1f}'),
@@ -282,6 +301,7 @@ TABLE = [
     ('achieved_gflop_per_s', 'achieved GFLOP/s in training', '{:.1f}'),
     ('matmul_fp32_gflop_per_s', 'fp32 matmul GFLOP/s (2048^2, same run)', '{:.1f}'),
     ('conv_fp32_gflop_per_s', 'fp32 best model convolution GFLOP/s (fwd+bwd)', '{:.1f}'),
+    ('matmul_tf32_gflop_per_s', 'TF32 matmul GFLOP/s (CUDA, same run)', '{:.1f}'),
     ('matmul_bf16_gflop_per_s', 'bf16 matmul GFLOP/s (same run)', '{:.1f}'),
     ('conv_bf16_gflop_per_s', 'bf16 best model convolution GFLOP/s (fwd+bwd)', '{:.1f}'),
     ('ratio_to_ceiling', 'achieved / ceiling (the best of those, step dtype)', '{:.2f}'),

@@ -854,6 +854,45 @@ def test_every_batch_is_full_and_every_image_is_seen_each_epoch():
     assert torch.equal(train.fill_batches(torch.arange(3), 2, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
 
 
+@pytest.mark.parametrize('amp', [False, True])
+def test_the_model_traces_into_one_graph_forward_and_reverse(amp):
+    """torch.compile sees the whole flow, under --amp's autocast too: no graph breaks either way."""
+    model = RealNVP(img_size=8, **TINY)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+        forward = torch._dynamo.explain(model)(torch.rand(4, 1, 8, 8), validate=False)
+        model.eval()
+        reverse = torch._dynamo.explain(model)(torch.randn(4, 1, 8, 8), reverse=True)
+    for explained in (forward, reverse):
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+def test_a_compiled_run_never_recompiles(data_dir, tmp_path, monkeypatch):
+    """Two epochs of 100 images in batches of 16 (the last one filled up) under --compile, with torch told to
+    fail on any recompilation (the graphs are built by dynamo's eager backend: no C++ compiler needed)."""
+    import functools
+    import train
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='eager'))
+    monkeypatch.setattr(torch._dynamo.config, 'error_on_recompile', True)
+    out = str(tmp_path / 'compiled')
+    assert train.main(['--data-dir', data_dir, '--out-dir', out, '--epochs', '2', '--compile', *TINY_RUN]) == 0
+    assert load(os.path.join(out, 'last.pt'))['step'] == 14
+    torch._dynamo.reset()
+
+
+def test_deterministic_asks_torch_for_deterministic_kernels():
+    import train
+    try:
+        train.set_determinism(True, torch.device('cuda'))
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        assert os.environ['CUBLAS_WORKSPACE_CONFIG']
+        train.set_determinism(False, torch.device('cuda'))
+        assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+    finally:
+        train.set_determinism(False, torch.device('cpu'))
+    assert not torch.backends.cudnn.benchmark
+
+
 def test_native_bf16_reads_the_hardware(monkeypatch):
     for amx, avx, expected in [(True, False, 'AMX'), (False, True, 'AVX-512 BF16'), (False, False, None)]:
         monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: amx)
@@ -1253,6 +1292,7 @@ def test_bench_reports_consistent_figures():
     assert abs(r['ratio_to_ceiling'] - r['achieved_gflop_per_s'] / ceiling) < 1e-9
     assert 0 < r['share_outside_convolutions'] < 1
     assert r['ema_update_share_of_step'] > 0 and r['bn_refresh_batch_share_of_step'] > 0
+    assert r['first_step_s'] > 0 and r['launches_per_step'] > 100 and r['launches_kind'] == 'aten operators'
     assert r['train_images_per_s'] > 0 and r['sample_images_per_s'] > 0 and r['eval_images_per_s'] > 0
 
 

@@ -96,7 +96,13 @@ def build_parser():
            'log-dets and loss stay fp32. About twice as fast where the hardware has bf16 (CUDA GPUs of compute '
            'capability 8.0+, CPUs with AVX-512 BF16 or AMX) at the same bpd. Default: on exactly there; the '
            'choice is printed at start and saved in config.json')
-    a('--compile', action='store_true', help='torch.compile the model (GPU)')
+    a('--compile', action='store_true',
+      help='torch.compile the model with static shapes; on CUDA with CUDA graphs (mode reduce-overhead), which '
+           'takes the launch overhead of its thousands of small kernels away. Compiling takes minutes; on a CPU '
+           'it gains little')
+    a('--deterministic', action='store_true',
+      help='deterministic kernels only (torch.use_deterministic_algorithms, no cuDNN autotuning), so that a '
+           '--resume on CUDA continues bit-exactly as it does on a CPU; a little slower')
     a('--num-threads', type=R.positive_int, default=None, help='CPU threads for PyTorch (default: its own choice)')
     return p
 
@@ -110,7 +116,8 @@ RESUME_POLICY = {
                      'num_scales', 'mid_channels', 'num_blocks', 'image_size', 'digits', 'dataset', 'seed', 'amp'),
                     FROZEN),
     **dict.fromkeys(('epochs', 'sample_every', 'log_every', 'max_bad_steps', 'data_dir', 'bn_refresh'), KEPT),
-    **dict.fromkeys(('out_dir', 'resume', 'max_steps', 'device', 'compile', 'num_threads'), PER_RUN),
+    **dict.fromkeys(('out_dir', 'resume', 'max_steps', 'device', 'compile', 'deterministic', 'num_threads'),
+                    PER_RUN),
 }
 
 
@@ -463,6 +470,21 @@ def train_step(model, optimizer, loss_fn, x, max_grad_norm, autocast, dist=None)
 # the run
 
 
+def compile_model(net, device):
+    """torch.compile for training: static shapes (every batch is full, `fill_batches`); on CUDA, CUDA graphs."""
+    return torch.compile(net, mode='reduce-overhead' if device.type == 'cuda' else None, dynamic=False)
+
+
+def set_determinism(deterministic, device):
+    """cuDNN autotuning on CUDA unless --deterministic, which asks torch for deterministic kernels everywhere
+    (a kernel without one warns and runs; cuBLAS needs its workspace setting before CUDA starts)."""
+    if deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = device.type == 'cuda' and not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+
+
 def fill_batches(order, steps, batch_size):
     """The first steps * batch_size entries of `order` repeated: the last batch is filled up from the start."""
     needed = steps * batch_size
@@ -517,7 +539,7 @@ class Trainer:
         model = self.model
         self.device = dist.device
         net = dist.wrap(model)
-        self.net = torch.compile(net) if args.compile else net
+        self.net = compile_model(net, self.device) if args.compile else net
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
         self.loss_fn = R.RealNVPLoss()
         self.sampler = DistributedSampler(range(len(data.train)), num_replicas=dist.world, rank=dist.rank,
@@ -600,6 +622,8 @@ class Trainer:
         warmup = self.args.warmup_steps
         for group in self.optimizer.param_groups:
             group['lr'] = self.args.lr * min(1.0, (self.state.step + 1) / warmup) if warmup else self.args.lr
+        if self.args.compile and self.device.type == 'cuda':
+            torch.compiler.cudagraph_mark_step_begin()   # the last step's graph outputs are no longer needed
         loss, bad = train_step(self.net, self.optimizer, self.loss_fn, x, self.args.max_grad_norm, self.autocast,
                                self.dist)
         self.average.update(self.model, self.state.step + 1)
@@ -785,6 +809,7 @@ def main(argv=None):
     args, ckpt, device = parse_args(parser, argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    set_determinism(args.deterministic, device)
     dist = Dist.start(device, args.log_every)
     try:
         if args.batch_size % dist.world != 0:
@@ -802,7 +827,6 @@ def main(argv=None):
         learner = Learner(model, R.make_optimizer(model, args.lr, args.weight_decay, dist.device),
                           R.WeightAverage(model, args.ema_decay))
         state = restore(ckpt, learner, dist, args.seed)
-        torch.backends.cudnn.benchmark = dist.device.type == 'cuda'
         return Trainer(args, run, dist, learner, data, state).fit()
     except R.CheckpointError as e:   # a full disk, a folder gone: the files there before are untouched
         R.die('train.py', e)
