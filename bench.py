@@ -6,6 +6,7 @@ share of step time spent outside convolutions (torch.profiler).
     python bench.py --num-threads 2                  # the default config (MNIST 14x14, batch 128) on the CPU
     python bench.py --device cuda --amp --compile    # the fast GPU path
     python bench.py --flops-only --image-size 28     # parameters and FLOPs only (used by answers.md)
+    bash gpu_check.sh DATA_DIR                       # the whole GPU check (bench.py --summarize prints it)
 
 Run one benchmark at a time: two heavy jobs on the same cores slow each other down.
 """
@@ -44,6 +45,9 @@ def build_parser():
       help='also time the lecture notebook\'s own code (its text file, e.g. ../shared/seed/000_*.txt) on the same '
            'config, device and data, for comparison')
     a('--json', action='store_true', help='print one JSON object instead of a table')
+    a('--summarize', default=None, metavar='DIR',
+      help='time nothing: read the stages gpu_check.sh wrote to DIR, write DIR/summary.json and print it; '
+           'exit 1 when a stage failed')
     return p
 
 
@@ -161,9 +165,9 @@ def measure_training(args, config, device):
     average = R.WeightAverage(model, 0.999)
     ema_s = timed(lambda: average.update(model, 1000), device, args.steps)
     noise = torch.rand(images.shape, device=device)
-    refresh_s = timed(lambda: R.refresh_batch_norm(average.model, [(images.float() / 255.0, noise)]), device,
-                      max(2, args.steps // 2))
-    with autocast:
+    with autocast:   # as train.py refreshes and evaluates
+        refresh_s = timed(lambda: R.refresh_batch_norm(average.model, [(images.float() / 255.0, noise)]), device,
+                          max(2, args.steps // 2))
         sample_s = timed(lambda: model.sample(args.batch_size), device, max(2, args.steps // 2))
         eval_s = timed(lambda: R.nll_per_image(model, images, batch_size=args.batch_size), device,
                        max(2, args.steps // 2))
@@ -327,11 +331,66 @@ def print_table(result):
         print(result['profile_table'])
 
 
+def read_json(path):
+    """The JSON object a stage printed as its last line, or None (no file, no output, not JSON)."""
+    try:
+        with open(path) as f:
+            return json.loads(f.read().strip().splitlines()[-1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def summarize(folder):
+    """gpu_check.sh's stages in DIR: {stage: exit code and seconds}, versions, images/s and the ratios to the
+    lecture's fp32 code, compile time, kernels per step, the run's wall time and test bpd. Missing parts: None."""
+    with open(os.path.join(folder, 'stages.tsv')) as f:
+        rows = [line.rstrip('\n').split('\t') for line in f][1:]
+    stages = {name: dict(exit=int(rc), seconds=float(seconds), limit=int(limit)) for name, rc, seconds, limit in rows}
+    runs = {name: read_json(os.path.join(folder, f'bench_{name}.out')) for name in ('fp32', 'amp', 'compiled')}
+    lecture = (runs['fp32'] or {}).get('lecture_train_images_per_s')
+    evaluation = read_json(os.path.join(folder, 'evaluate.out')) or {}
+    summary = dict(stages=stages, versions=read_json(os.path.join(folder, 'versions.out')),
+                   lecture_fp32_images_per_s=lecture)
+    for name, run in runs.items():
+        run = run or {}
+        speed = run.get('train_images_per_s')
+        summary[name] = dict(images_per_s=speed, times_lecture=speed / lecture if speed and lecture else None,
+                             first_step_s=run.get('first_step_s'), launches_per_step=run.get('launches_per_step'),
+                             ratio_to_ceiling=run.get('ratio_to_ceiling'))
+    summary['train_wall_s'] = stages.get('train', {}).get('seconds')
+    summary['train_finished'] = stages.get('train', {}).get('exit') == 0
+    summary['test_bpd'], summary['test_bpd_stderr'] = evaluation.get('bpd'), evaluation.get('stderr')
+    summary['evaluated_step'] = evaluation.get('step')
+    with open(os.path.join(folder, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def print_summary(summary):
+    for name, stage in summary['stages'].items():
+        print(f'  {name:<15} exit {stage["exit"]:>3}  {stage["seconds"]:7.1f} s of {stage["limit"]}')
+    speed = lambda v, f='{:.1f}': 'n/a' if v is None else f.format(v)
+    print(f'  lecture code, fp32: {speed(summary["lecture_fp32_images_per_s"])} images/s')
+    for name in ('fp32', 'amp', 'compiled'):
+        s = summary[name]
+        print(f'  {name:<9} {speed(s["images_per_s"])} images/s = {speed(s["times_lecture"], "{:.2f}x")} the lecture; '
+              f'first step {speed(s["first_step_s"])} s, {speed(s["launches_per_step"], "{:,.0f}")} launches a step')
+    print(f'  training: {speed(summary["train_wall_s"])} s ({"finished" if summary["train_finished"] else "NOT finished"}); '
+          f'test bpd {speed(summary["test_bpd"], "{:.4f}")} ± {speed(summary["test_bpd_stderr"], "{:.4f}")} '
+          f'at step {summary["evaluated_step"]}')
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.lecture and not os.path.isfile(args.lecture):
         parser.error(f'--lecture {args.lecture}: no such file (the lecture notebook is ../shared/seed/000_*.txt)')
+    if args.summarize:
+        if not os.path.isfile(os.path.join(args.summarize, 'stages.tsv')):
+            parser.error(f'--summarize {args.summarize}: no stages.tsv there (gpu_check.sh writes it)')
+        summary = summarize(args.summarize)
+        print_summary(summary)
+        return 0 if all(stage['exit'] == 0 for stage in summary['stages'].values()) else 1
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     try:

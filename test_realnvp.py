@@ -1296,6 +1296,52 @@ def test_bench_reports_consistent_figures():
     assert r['train_images_per_s'] > 0 and r['sample_images_per_s'] > 0 and r['eval_images_per_s'] > 0
 
 
+TINY_CHECK = ['--image-size', '8', '--mid-channels', '4', '--num-blocks', '1', '--batch-size', '16', '--num-threads', '1']
+
+
+def gpu_check(data_dir, out, device, notebook=''):
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', **OFFLINE, 'GPU_CHECK_DEVICE': device, 'GPU_CHECK_EPOCHS': '1',
+           'GPU_CHECK_COMPILE': '0', 'GPU_CHECK_NOTEBOOK': notebook}
+    return subprocess.run(['bash', os.path.join(HERE, 'gpu_check.sh'), data_dir, str(out), *TINY_CHECK],
+                          capture_output=True, text=True, env=env, cwd=HERE, timeout=600)
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_stage_and_sums_them_up(data_dir, tmp_path):
+    """gpu_check.sh on the CPU with a tiny model: every stage exits 0, the summary holds what they printed."""
+    notebook = NOTEBOOK if os.path.isfile(NOTEBOOK) else ''
+    out = tmp_path / 'check'
+    result = gpu_check(data_dir, out, 'cpu', notebook)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((out / 'summary.json').read_text())
+    assert set(summary['stages']) == {'copy', 'versions', 'bench_fp32', 'bench_amp', 'train', 'evaluate'}
+    assert all(s['exit'] == 0 and 0 < s['seconds'] <= s['limit'] + 10 for s in summary['stages'].values())
+    assert summary['versions']['torch'] == torch.__version__
+    evaluation = json.loads((out / 'evaluate.out').read_text())
+    assert summary['test_bpd'] == evaluation['bpd'] and math.isfinite(evaluation['bpd'])
+    assert summary['evaluated_step'] == 7 and summary['train_finished']   # 100 images / 16: 7 steps
+    fp32 = json.loads((out / 'bench_fp32.out').read_text())
+    assert summary['fp32']['images_per_s'] == fp32['train_images_per_s'] > 0 and summary['amp']['images_per_s'] > 0
+    if notebook:
+        assert summary['fp32']['times_lecture'] == fp32['train_images_per_s'] / fp32['lecture_train_images_per_s']
+    assert 'test bpd' in result.stdout and os.path.isfile(out / 'data' / 'MNIST' / 'raw' / 'train-images-idx3-ubyte')
+    again = gpu_check(data_dir, out, 'cpu')
+    assert again.returncode == 2 and 'earlier check' in again.stderr   # never over an earlier check
+
+
+@pytest.mark.slow
+def test_gpu_check_records_failed_stages_and_exits_1(data_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip('needs a machine without CUDA')
+    out = tmp_path / 'check'
+    result = gpu_check(data_dir, out, 'cuda')
+    assert result.returncode == 1
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['stages']['copy']['exit'] == 0 and summary['stages']['bench_fp32']['exit'] == 2
+    assert summary['fp32']['images_per_s'] is None and summary['test_bpd'] is None
+    assert 'NOT finished' in result.stdout
+
+
 def test_bench_counts_convolution_flops_as_the_flop_counter_does():
     import bench
     from torch.utils.flop_counter import FlopCounterMode

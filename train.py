@@ -587,8 +587,8 @@ class Trainer:
             self.run.log(f'run folder {self.run.dir}; run {args.run_id}; seed {args.seed}; device {self.device}; '
                          f'{self.dist.world} process(es)')
         native, hardware = R.native_bf16(self.device)
-        self.run.log(f'bf16 autocast {"on" if args.amp else "off"} (on {hardware} it is {"on" if native else "off"} '
-                     f'unless --amp or --no-amp says otherwise)')
+        self.run.log(f'bf16 autocast {"on" if args.amp else "off"} (the default on {hardware}: '
+                     f'{"on" if native else "off"}; --amp or --no-amp chooses)')
         n_params = sum(p.numel() for p in self.model.parameters())
         self.run.log(f'{args.dataset} {args.image_size}x{args.image_size}: {len(self.data.train)} train, '
                      f'{self.data.n_test} test images; {n_params / 1e6:.2f}M parameters')
