@@ -614,6 +614,10 @@ def test_train_writes_checkpoints_metrics_plot_and_grid(full_run):
     assert ckpt['config'] == dict(in_channels=1, img_size=8, num_scales=2, mid_channels=4, num_blocks=1,
                                   data_constraint=0.9)
     assert ckpt['args']['seed'] == 0 and 'state' in ckpt['optimizer']
+    import train
+    from types import SimpleNamespace
+    last_lr = train.learning_rate(SimpleNamespace(**ckpt['args']), 13, 14)   # step 14 of 14 ran at this lr
+    assert 0 < last_lr < 1e-3 and all(g['lr'] == last_lr for g in ckpt['optimizer']['param_groups'])
     rows = open(os.path.join(full_run, 'metrics.csv')).read().strip().splitlines()
     assert rows[0].startswith('epoch,step,train_bpd,test_bpd') and len(rows) == 3
     best_bpd = min(float(r.split(',')[3]) for r in rows[1:])
@@ -717,6 +721,23 @@ def test_first_round_checkpoints_still_sample_evaluate_and_resume(full_run, data
     resumed = script('train.py', '--resume', run / 'last.pt', '--epochs', 3, '--data-dir', data_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert load(run / 'last.pt')['step'] == 21 and load(run / 'last.pt')['epoch'] == 3
+    assert load(run / 'last.pt')['args']['lr_decay'] == 0.0   # as it ran before the flag existed
+
+
+@pytest.mark.slow
+def test_a_default_recipe_run_from_before_the_lr_decay_resumes_without_it(full_run, tmp_path):
+    """Checkpoints of the default recipe written before --lr-decay existed ran at a constant rate: a resume
+    keeps it so, while a new run of the default recipe gets the decay."""
+    import train
+    run = tmp_path / 'before'
+    shutil.copytree(full_run, run)
+    ckpt = load(run / 'last.pt')
+    assert ckpt['args']['recipe'] == 'default' and ckpt['args']['lr_decay'] == 0.2
+    del ckpt['args']['lr_decay']
+    torch.save(ckpt, run / 'last.pt')
+    args, _, _ = train.parse_args(train.build_parser(), ['--resume', str(run / 'last.pt'), '--epochs', '3'])
+    assert args.lr_decay == 0.0
+    assert train.parse_args(train.build_parser(), [])[0].lr_decay == 0.2
 
 
 # -----------------------------------------------------------------------------
@@ -844,6 +865,18 @@ def test_a_full_disk_while_saving_leaves_the_old_checkpoint_and_no_temporary(tmp
     with pytest.raises(realnvp.CheckpointError, match='could not write .*No space left on device.*untouched'):
         realnvp.write_atomically(b'new', path)
     assert open(path, 'rb').read() == b'old' and os.listdir(tmp_path) == ['last.pt']
+
+
+def test_learning_rate_warms_up_holds_and_decays_to_zero_over_the_last_fraction():
+    import train
+    from types import SimpleNamespace
+    lr = lambda step, warmup=0, decay=0.2: train.learning_rate(
+        SimpleNamespace(lr=1e-3, warmup_steps=warmup, lr_decay=decay), step, 100)
+    assert [lr(s) for s in (0, 50, 80)] == [1e-3] * 3           # constant until the last 20 of 100 steps
+    assert lr(90) == pytest.approx(0.5e-3) and lr(99) == pytest.approx(0.05e-3) and lr(100) == 0.0
+    assert lr(0, warmup=10) == pytest.approx(1e-4) and lr(9, warmup=10) == 1e-3
+    assert lr(95, warmup=10) == pytest.approx(0.25e-3)
+    assert lr(99, decay=0.0) == 1e-3
 
 
 def test_every_batch_is_full_and_every_image_is_seen_each_epoch():

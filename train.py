@@ -36,10 +36,11 @@ import realnvp as R
 
 # The training recipes: settings that --recipe fills in where no flag gives them.
 RECIPES = {
-    'default': dict(lr=1e-3, weight_decay=5e-5, warmup_steps=0, ema_decay=0.999, bn_refresh=20),
-    'lecture': dict(lr=1e-3, weight_decay=0.0, warmup_steps=0, ema_decay=0.0, bn_refresh=0),
+    'default': dict(lr=1e-3, weight_decay=5e-5, warmup_steps=0, lr_decay=0.2, ema_decay=0.999, bn_refresh=20),
+    'lecture': dict(lr=1e-3, weight_decay=0.0, warmup_steps=0, lr_decay=0.0, ema_decay=0.0, bn_refresh=0),
 }
 OLD_RECIPE = 'lecture'  # the recipe of checkpoints written before --recipe existed
+BEFORE_FLAGS = dict(lr_decay=0.0)  # what checkpoints written before these flags existed ran with
 
 
 def unit_interval(text):
@@ -55,7 +56,8 @@ def build_parser():
            'last batch of an epoch is filled up from the start of that epoch\'s shuffled order, so each image is '
            'seen at least once an epoch and a compiled step never meets a second shape')
     a('--recipe', choices=tuple(RECIPES), default=None,
-      help='default: warm-up, a weight average and batch-norm statistics recomputed for it (see README); '
+      help='default: a weight average, batch-norm statistics recomputed for it, the paper\'s L2 penalty and the '
+           'learning rate lowered to 0 over the last 20%% of the run (see README); '
            'lecture: the lecture notebook\'s Adam at 1e-3 and nothing else. The flags below marked [recipe] '
            'override single settings of it (default: default)')
     a('--lr', type=R.positive_float, default=None, help='[recipe] Adam learning rate (default 1e-3; lecture 1e-3)')
@@ -63,6 +65,9 @@ def build_parser():
       help='[recipe] L2 penalty on the weight-norm scales only, as in the RealNVP paper (default 5e-5; lecture 0)')
     a('--warmup-steps', type=R.non_negative_int, default=None, metavar='N',
       help='[recipe] raise the learning rate linearly over the first N steps (default 0; lecture 0)')
+    a('--lr-decay', type=unit_interval, default=None, metavar='F',
+      help='[recipe] lower the learning rate linearly to 0 over the last fraction F of the run\'s --epochs '
+           '(resuming with another --epochs moves it) (default 0.2; lecture 0)')
     a('--ema-decay', type=unit_interval, default=None, metavar='D',
       help='[recipe] evaluate, sample and save the average of the weights over about 1/(1-D) steps; 0 keeps '
            'the trained weights (default 0.999; lecture 0)')
@@ -112,7 +117,8 @@ def build_parser():
 # ones belong to this invocation alone. Every flag of build_parser() is in exactly one (tested).
 FROZEN, KEPT, PER_RUN = 'frozen', 'kept', 'per-run'
 RESUME_POLICY = {
-    **dict.fromkeys(('batch_size', 'recipe', 'lr', 'weight_decay', 'warmup_steps', 'ema_decay', 'max_grad_norm',
+    **dict.fromkeys(('batch_size', 'recipe', 'lr', 'weight_decay', 'warmup_steps', 'lr_decay', 'ema_decay',
+                     'max_grad_norm',
                      'num_scales', 'mid_channels', 'num_blocks', 'image_size', 'digits', 'dataset', 'seed', 'amp'),
                     FROZEN),
     **dict.fromkeys(('epochs', 'sample_every', 'log_every', 'max_bad_steps', 'data_dir', 'bn_refresh'), KEPT),
@@ -201,7 +207,7 @@ def apply_resume_policy(args, given):
         return None
     _, ckpt = R.load_checkpoint(args.resume)  # one-line errors for a missing, corrupt or misfitting file
     recipe = ckpt.get('args', {}).get('recipe') or OLD_RECIPE
-    saved = {**RECIPES[recipe], **ckpt.get('args', {}), 'recipe': recipe}
+    saved = {**RECIPES[recipe], **BEFORE_FLAGS, **ckpt.get('args', {}), 'recipe': recipe}
     saved['digits'] = sorted(set(saved['digits'])) if saved.get('digits') else None
     if 'optimizer' not in ckpt or 'rng' not in ckpt or 'step' not in ckpt:
         raise ValueError(f'{args.resume} holds weights but not the state to resume from (optimizer, step, random '
@@ -485,6 +491,15 @@ def set_determinism(deterministic, device):
     torch.backends.cudnn.deterministic = deterministic
 
 
+def learning_rate(args, step, total):
+    """--lr for optimizer step `step` (from 0) of a run of `total` steps: raised linearly over the first
+    --warmup-steps, lowered linearly to 0 over the last --lr-decay of the run, constant between."""
+    warmup = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
+    decay_steps = args.lr_decay * total
+    decay = min(1.0, max(0.0, (total - step) / decay_steps)) if decay_steps else 1.0
+    return args.lr * warmup * decay
+
+
 def fill_batches(order, steps, batch_size):
     """The first steps * batch_size entries of `order` repeated: the last batch is filled up from the start."""
     needed = steps * batch_size
@@ -619,9 +634,8 @@ class Trainer:
 
     def step(self, idx):
         x = self.data.train[idx].float() / 255.0                     # (b, C, H, W) in [0, 1]
-        warmup = self.args.warmup_steps
         for group in self.optimizer.param_groups:
-            group['lr'] = self.args.lr * min(1.0, (self.state.step + 1) / warmup) if warmup else self.args.lr
+            group['lr'] = learning_rate(self.args, self.state.step, self.args.epochs * self.steps_per_epoch)
         if self.args.compile and self.device.type == 'cuda':
             torch.compiler.cudagraph_mark_step_begin()   # the last step's graph outputs are no longer needed
         loss, bad = train_step(self.net, self.optimizer, self.loss_fn, x, self.args.max_grad_norm, self.autocast,
