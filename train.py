@@ -98,8 +98,8 @@ def build_parser():
     a('--device', default=None, help='cpu, cuda, cuda:N or mps (default: CUDA, then MPS, then CPU)')
     a('--amp', action=argparse.BooleanOptionalAction, default=None,
       help='bf16 autocast for the s/t networks (training, the batch-norm refresh and the test bpd); couplings, '
-           'log-dets and loss stay fp32. About twice as fast where the hardware has bf16 (CUDA GPUs of compute '
-           'capability 8.0+, CPUs with AVX-512 BF16 or AMX) at the same bpd. Default: on exactly there; the '
+           'log-dets and loss stay fp32. Faster at the same bpd where the hardware has bf16 (CUDA GPUs of compute '
+           'capability 8.0+; CPUs with AVX-512 BF16 or AMX: 1.6x on one). Default: on exactly there; the '
            'choice is printed at start and saved in config.json')
     a('--compile', action='store_true',
       help='torch.compile the model with static shapes; on CUDA with CUDA graphs (mode reduce-overhead), which '
