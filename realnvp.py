@@ -185,7 +185,7 @@ class ResNet(nn.Module):
         x_skip = self.in_skip(x)
         for block, skip in zip(self.blocks, self.skips):
             x = block(x)
-            x_skip = x_skip.add_(skip(x))
+            x_skip.add_(skip(x))
         return self.out_conv(F.relu(self.out_norm(x_skip), inplace=True))
 
 
