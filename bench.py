@@ -149,8 +149,6 @@ def measure_training(args, config, device):
         torch.cuda.reset_peak_memory_stats(device)
 
     def step():
-        if args.compile and device.type == 'cuda':
-            torch.compiler.cudagraph_mark_step_begin()
         train_step(net, optimizer, loss_fn, images.float() / 255.0, 100.0, autocast)
 
     model.train()

@@ -913,6 +913,24 @@ def test_a_compiled_run_never_recompiles(data_dir, tmp_path, monkeypatch):
     torch._dynamo.reset()
 
 
+def test_a_model_compiled_for_cuda_starts_a_cuda_graph_step_at_every_call(monkeypatch):
+    """Under CUDA graphs each training step must tell torch that the last step's outputs are free: the compiled
+    net does it itself before each call (checked here with dynamo's eager backend on the CPU)."""
+    import train
+    compile = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda net, mode, dynamic: compile(net, backend='eager', dynamic=dynamic))
+    marks = []
+    monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', lambda: marks.append(1))
+    net = torch.nn.Linear(2, 2)
+    cuda = train.compile_model(net, torch.device('cuda'))
+    for _ in range(3):
+        cuda(torch.randn(1, 2))
+    assert len(marks) == 3
+    train.compile_model(net, torch.device('cpu'))(torch.randn(1, 2))
+    assert len(marks) == 3
+    torch._dynamo.reset()
+
+
 def test_deterministic_asks_torch_for_deterministic_kernels():
     import train
     try:

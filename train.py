@@ -477,8 +477,12 @@ def train_step(model, optimizer, loss_fn, x, max_grad_norm, autocast, dist=None)
 
 
 def compile_model(net, device):
-    """torch.compile for training: static shapes (every batch is full, `fill_batches`); on CUDA, CUDA graphs."""
-    return torch.compile(net, mode='reduce-overhead' if device.type == 'cuda' else None, dynamic=False)
+    """torch.compile for training: static shapes (every batch is full, `fill_batches`); on CUDA, CUDA graphs,
+    with each call of the compiled net starting a new step (the last step's graph outputs are no longer needed)."""
+    compiled = torch.compile(net, mode='reduce-overhead' if device.type == 'cuda' else None, dynamic=False)
+    if device.type == 'cuda':
+        compiled.register_forward_pre_hook(lambda module, args: torch.compiler.cudagraph_mark_step_begin())
+    return compiled
 
 
 def set_determinism(deterministic, device):
@@ -636,8 +640,6 @@ class Trainer:
         x = self.data.train[idx].float() / 255.0                     # (b, C, H, W) in [0, 1]
         for group in self.optimizer.param_groups:
             group['lr'] = learning_rate(self.args, self.state.step, self.args.epochs * self.steps_per_epoch)
-        if self.args.compile and self.device.type == 'cuda':
-            torch.compiler.cudagraph_mark_step_begin()   # the last step's graph outputs are no longer needed
         loss, bad = train_step(self.net, self.optimizer, self.loss_fn, x, self.args.max_grad_norm, self.autocast,
                                self.dist)
         self.average.update(self.model, self.state.step + 1)
