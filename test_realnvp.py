@@ -1101,6 +1101,9 @@ BAD_INPUT = [
     ('train.py', ['--resume', '{run}/last.pt', '--mid-channels', '8'], 2, ['--mid-channels differs']),
     ('evaluate.py', ['--runs-dir', '{tmp}/no-runs'], 1, ['no checkpoint found']),
     ('bench.py', ['--image-size', '10', '--num-scales', '3'], 2, ['image size 10']),
+    ('train.py', ['--lr-decay', '1.5'], 2, ['--lr-decay', '[0, 1)']),
+    ('train.py', ['--resume', '{run}/last.pt', '--lr-decay', '0.5'], 2, ['--lr-decay differs']),
+    ('bench.py', ['--summarize', '{tmp}/no-check'], 2, ['no stages.tsv', 'gpu_check.sh']),
     # a checkpoint with a NaN weight is refused everywhere, and never blamed on --lr
     ('sample.py', ['--ckpt', '{nonfinite}'], 1, ['not finite', 'in_norm']),
     ('evaluate.py', ['--ckpt', '{nonfinite}', '--data-dir', '{data}'], 1, ['not finite']),
@@ -1378,6 +1381,12 @@ def test_gpu_check_runs_every_stage_and_sums_them_up(data_dir, tmp_path):
     assert 'test bpd' in result.stdout and os.path.isfile(out / 'data' / 'MNIST' / 'raw' / 'train-images-idx3-ubyte')
     again = gpu_check(data_dir, out, 'cpu')
     assert again.returncode == 2 and 'earlier check' in again.stderr   # never over an earlier check
+
+
+def test_gpu_check_without_mnist_says_so_and_writes_nothing(tmp_path):
+    result = gpu_check(str(tmp_path / 'nowhere'), tmp_path / 'check', 'cpu')
+    assert result.returncode == 2 and result.stderr.strip().count('\n') == 0
+    assert 'MNIST/raw not found' in result.stderr and not (tmp_path / 'check').exists()
 
 
 @pytest.mark.slow
