@@ -36,7 +36,7 @@ import realnvp as R
 
 # The training recipes: settings that --recipe fills in where no flag gives them.
 RECIPES = {
-    'default': dict(lr=1e-3, weight_decay=5e-5, warmup_steps=0, lr_decay=0.2, ema_decay=0.999, bn_refresh=20),
+    'default': dict(lr=1e-3, weight_decay=5e-5, warmup_steps=0, lr_decay=0.2, ema_decay=0.999, bn_refresh=10),
     'lecture': dict(lr=1e-3, weight_decay=0.0, warmup_steps=0, lr_decay=0.0, ema_decay=0.0, bn_refresh=0),
 }
 OLD_RECIPE = 'lecture'  # the recipe of checkpoints written before --recipe existed
@@ -73,7 +73,7 @@ def build_parser():
            'the trained weights (default 0.999; lecture 0)')
     a('--bn-refresh', type=R.non_negative_int, default=None, metavar='N',
       help='[recipe] before each evaluation, sample grid and checkpoint, recompute the batch-norm statistics of '
-           'the weights that are saved over N training batches; 0 keeps the running averages (default 20; '
+           'the weights that are saved over N training batches; 0 keeps the running averages (default 10; '
            'lecture 0)')
     a('--max-grad-norm', type=R.positive_float, default=100.0, help='clip the gradient norm to this (default 100)')
     R.add_model_args(p)
