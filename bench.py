@@ -18,6 +18,7 @@ import resource
 import statistics
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -135,23 +136,37 @@ def measure_flops(config):
     return dict(parameters=params, gflop_forward_per_image=forward / 1e9, gflop_train_step_per_image=step / 1e9)
 
 
-def measure_training(args, config, device):
-    """Training, sampling and evaluation throughput of this project's model, and the peak memory."""
+def training_step(args, config, device):
+    """(model, autocast, images, step): a model of `config` in train mode and a function doing one training step."""
     torch.manual_seed(0)
-    model = R.RealNVP(config).to(device)
+    model = R.RealNVP(config).to(device).train()
     net = compile_model(model, device) if args.compile else model
     optimizer = R.make_optimizer(model, 1e-3, 5e-5, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
     images = torch.randint(0, 256, (args.batch_size, *model.shape), dtype=torch.uint8, device=device)
     loss_fn = R.RealNVPLoss()
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
-        torch.cuda.reset_peak_memory_stats(device)
 
     def step():
         train_step(net, optimizer, loss_fn, images.float() / 255.0, 100.0, autocast)
+    return model, autocast, images, step
 
-    model.train()
+
+def measure_flow_norm(args, config, device, train_s):
+    """What the flow's batch norms (--flow-norm) cost: the share of a step that goes when they are left out."""
+    if not config.flow_norm:
+        return {}
+    step = training_step(args, replace(config, flow_norm=False), device)[3]
+    for _ in range(args.warmup + 1):
+        step()
+    return dict(flow_norm_share_of_step=1.0 - timed(step, device, args.steps) / train_s)
+
+
+def measure_training(args, config, device):
+    """Training, sampling and evaluation throughput of this project's model, and the peak memory."""
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device)
+    model, autocast, images, step = training_step(args, config, device)
     start = time.perf_counter()
     step()   # with --compile: the compilation
     synchronize(device)
@@ -278,6 +293,7 @@ def benchmark(args):
     if args.flops_only:
         return result
     result.update(measure_training(args, config, device))
+    result.update(measure_flow_norm(args, config, device, result['train_step_s']))
     result['achieved_gflop_per_s'] = result['gflop_train_step_per_image'] * result['train_images_per_s']
     result.update(measure_ceiling(args, config, device, result['achieved_gflop_per_s']))
     if args.lecture:
@@ -294,6 +310,7 @@ TABLE = [
     ('first_step_s', 'first step, s (with --compile: the compilation)', '{:.1f}'),
     ('launches_per_step', 'launches per step', '{:,.0f}'),
     ('launches_kind', 'counted as', '{}'),
+    ('flow_norm_share_of_step', 'the flow\'s batch norms (--flow-norm) / training step', '{:.3f}'),
     ('ema_update_share_of_step', 'weight-average update / training step', '{:.3f}'),
     ('bn_refresh_batch_share_of_step', 'batch-norm refresh, per batch / training step', '{:.3f}'),
     ('sample_images_per_s', 'sampling images/s', '{:.1f}'),

@@ -5,7 +5,7 @@ order of the lecture notebook (Lecture 8: Normalizing Flows):
 
     1. squeeze and masks         squeeze_2x2, MaskType, checkerboard_mask
     2. s/t networks              Rescale, WNConv2d, ResidualBlock, ResNet
-    3. coupling                  CouplingLayer
+    3. coupling                  CouplingLayer, BatchNormFlow
     4. multi-scale model         RealNVPConfig, _RealNVP, RealNVP
     5. loss and optimisation     RealNVPLoss, nll_terms, bits_per_dim, get_param_groups, WeightAverage,
                                  refresh_batch_norm
@@ -200,7 +200,7 @@ class CouplingLayer(nn.Module):
     masks keep one half of the channels (the first if `reverse_mask`) and change the other.
     """
 
-    def __init__(self, in_channels, mid_channels, num_blocks, mask_type, reverse_mask):
+    def __init__(self, in_channels, mid_channels, num_blocks, mask_type, reverse_mask, flow_norm=False):
         super().__init__()
         self.mask_type = MaskType(mask_type)
         self.reverse_mask = reverse_mask
@@ -209,6 +209,8 @@ class CouplingLayer(nn.Module):
         self.st_net = ResNet(in_channels, mid_channels, 2 * in_channels, num_blocks,
                              double_after_norm=self.mask_type == MaskType.CHECKERBOARD)
         self.rescale = Rescale(in_channels)
+        self.bn_flow = BatchNormFlow(in_channels * (2 if self.mask_type == MaskType.CHANNEL_WISE else 1)) \
+            if flow_norm else None
 
     def _scale_translate(self, x_id):
         # The s/t net may run in bf16 under autocast; the coupling arithmetic stays in x's dtype.
@@ -216,6 +218,14 @@ class CouplingLayer(nn.Module):
         return self.rescale(torch.tanh(s)), t
 
     def forward(self, x, sldj=None, reverse=False):
+        """The affine coupling, then (with `flow_norm`) the batch normalisation of its output; reversed in reverse."""
+        if self.bn_flow is None:
+            return self._couple(x, sldj, reverse)
+        if reverse:
+            return self._couple(self.bn_flow(x, reverse=True)[0], sldj, reverse=True)
+        return self.bn_flow(*self._couple(x, sldj))
+
+    def _couple(self, x, sldj=None, reverse=False):
         if self.mask_type == MaskType.CHECKERBOARD:
             B, C, H, W = x.shape
             b = checkerboard_mask(H, W, self.reverse_mask, dtype=x.dtype, device=x.device)
@@ -244,6 +254,43 @@ class CouplingLayer(nn.Module):
         return x, sldj
 
 
+class BatchNormFlow(nn.BatchNorm2d):
+    """Batch normalisation as a layer of the flow (paper Section 3.7), per channel c:
+
+        y = (x - mu_c) / sqrt(var_c + eps) * exp(log_gamma_c) + beta_c,
+        log|det dy/dx| = H W sum_c (log_gamma_c - log(var_c + eps) / 2).
+
+    Train mode uses the batch's statistics (biased variance, and the log-det of the batch's map, as the
+    paper does) and moves the running ones; eval mode and the reverse use the running ones, so there it is an
+    exact bijection with an exact log-det. `refresh_batch_norm` recomputes them like any batch norm's."""
+
+    def __init__(self, num_features):
+        super().__init__(num_features, affine=False, momentum=0.05)
+        self.log_gamma = nn.Parameter(torch.zeros(num_features))
+        self.beta = nn.Parameter(torch.zeros(num_features))
+
+    def _statistics(self, x):
+        if not self.training:
+            return self.running_mean, self.running_var
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+        with torch.no_grad():   # running statistics as nn.BatchNorm2d keeps them (unbiased variance)
+            n = x.numel() // x.shape[1]
+            self.num_batches_tracked.add_(1)
+            weight = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked
+            self.running_mean.lerp_(mean, weight)
+            self.running_var.lerp_(var * (n / max(n - 1, 1)), weight)
+        return mean, var
+
+    def forward(self, x, sldj=None, reverse=False):
+        mean, var = (self.running_mean, self.running_var) if reverse else self._statistics(x)
+        log_scale = self.log_gamma - 0.5 * torch.log(var + self.eps)         # (C,)
+        as_map = (1, -1, 1, 1)
+        if reverse:
+            return (x - self.beta.view(as_map)) * torch.exp(-log_scale).view(as_map) + mean.view(as_map), sldj
+        y = (x - mean.view(as_map)) * torch.exp(log_scale).view(as_map) + self.beta.view(as_map)
+        return y, sldj + log_scale.sum() * (x.shape[2] * x.shape[3])
+
+
 # -----------------------------------------------------------------------------
 # 4. The multi-scale model (paper Section 3.6, Figure 4)
 
@@ -259,12 +306,15 @@ class RealNVPConfig:
     mid_channels: int = 64
     num_blocks: int = 8
     data_constraint: float = 0.9
+    flow_norm: bool = False   # batch normalisation after each coupling (paper Section 3.7); the lecture has none
 
     def __post_init__(self):
         for name in ('in_channels', 'img_size', 'num_scales', 'mid_channels', 'num_blocks'):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f'{name} must be a positive integer, got {value!r}')
+        if not isinstance(self.flow_norm, bool):
+            raise ValueError(f'flow_norm must be True or False, got {self.flow_norm!r}')
         if not 0.0 < self.data_constraint < 1.0:
             raise ValueError(f'data_constraint must lie in (0, 1), got {self.data_constraint!r}')
         factor = 2 ** (self.num_scales - 1)
@@ -289,19 +339,21 @@ class _RealNVP(nn.Module):
     """One scale: 3 checkerboard couplings, squeeze, 3 channel-wise couplings, unsqueeze, then factor
     out half the variables (alternate-order squeeze) and recurse; the last scale has 4 checkerboard couplings."""
 
-    def __init__(self, scale_idx, num_scales, in_channels, mid_channels, num_blocks):
+    def __init__(self, scale_idx, num_scales, in_channels, mid_channels, num_blocks, flow_norm=False):
         super().__init__()
         self.is_last_block = scale_idx == num_scales - 1
         n_checker = 4 if self.is_last_block else 3
         self.in_couplings = nn.ModuleList([
-            CouplingLayer(in_channels, mid_channels, num_blocks, MaskType.CHECKERBOARD, reverse_mask=i % 2 == 1)
+            CouplingLayer(in_channels, mid_channels, num_blocks, MaskType.CHECKERBOARD, reverse_mask=i % 2 == 1,
+                          flow_norm=flow_norm)
             for i in range(n_checker)])
         if not self.is_last_block:
             self.out_couplings = nn.ModuleList([
                 CouplingLayer(4 * in_channels, 2 * mid_channels, num_blocks, MaskType.CHANNEL_WISE,
-                              reverse_mask=i % 2 == 1)
+                              reverse_mask=i % 2 == 1, flow_norm=flow_norm)
                 for i in range(3)])
-            self.next_block = _RealNVP(scale_idx + 1, num_scales, 2 * in_channels, 2 * mid_channels, num_blocks)
+            self.next_block = _RealNVP(scale_idx + 1, num_scales, 2 * in_channels, 2 * mid_channels, num_blocks,
+                                       flow_norm)
 
     def forward(self, x, sldj, reverse=False):
         if reverse:
@@ -345,7 +397,7 @@ class RealNVP(nn.Module):
             raise TypeError('pass a RealNVPConfig or keyword settings, not both')
         self.config = RealNVPConfig(**kwargs) if config is None else config
         c = self.config
-        self.flows = _RealNVP(0, c.num_scales, c.in_channels, c.mid_channels, c.num_blocks)
+        self.flows = _RealNVP(0, c.num_scales, c.in_channels, c.mid_channels, c.num_blocks, c.flow_norm)
         self.to(memory_format=torch.channels_last)  # convolution weights in NHWC, like their inputs
 
     @property
@@ -911,10 +963,14 @@ def add_model_args(parser):
     a('--num-blocks', type=positive_int, default=8, help='residual blocks per s/t ResNet (default 8)')
     a('--image-size', type=positive_int, default=14,
       help='images are resized to this; must be a multiple of 2^(num_scales-1) (default 14)')
+    a('--flow-norm', action=argparse.BooleanOptionalAction, default=None,
+      help='batch normalisation of every coupling\'s output as a layer of the flow, with its log-det (RealNVP '
+           'paper, Section 3.7); the lecture has none (default: on; with --recipe lecture, off)')
 
 
 def config_from_args(args):
     """The RealNVPConfig of parsed flags: `add_model_args`'s, and the channels of --dataset (or --in-channels)."""
     in_channels = getattr(args, 'in_channels', None) or DATASET_CHANNELS[getattr(args, 'dataset', 'mnist')]
     return RealNVPConfig(in_channels=in_channels, img_size=args.image_size, num_scales=args.num_scales,
-                         mid_channels=args.mid_channels, num_blocks=args.num_blocks)
+                         mid_channels=args.mid_channels, num_blocks=args.num_blocks,
+                         flow_norm=args.flow_norm is not False)   # None: not given, the default recipe's

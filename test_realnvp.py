@@ -9,7 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -105,10 +105,11 @@ def test_coupling_logdet_matches_brute_force_jacobian(mask_type, reverse_mask, c
 # 4. the multi-scale model and its config
 
 
+@pytest.mark.parametrize('flow_norm', [False, True])
 @pytest.mark.parametrize('channels', [1, 3])
 @pytest.mark.parametrize('scales', [1, 2, 3])
-def test_model_inverse_recovers_input(channels, scales):
-    model = tiny_model(channels, 8, scales)
+def test_model_inverse_recovers_input(channels, scales, flow_norm):
+    model = tiny_model(channels, 8, scales, flow_norm=flow_norm)
     x = torch.randint(0, 256, (4, channels, 8, 8)).double() / 255
     u = torch.rand_like(x)
     z, _ = model(x, noise=u)
@@ -123,10 +124,11 @@ def test_model_inverse_recovers_input(channels, scales):
     assert (model.flows(y2, torch.zeros(4, dtype=torch.float64))[0] - z2).abs().max() < 1e-10
 
 
+@pytest.mark.parametrize('flow_norm', [False, True])
 @pytest.mark.parametrize('channels,size,scales', [(1, 4, 2), (3, 8, 2), (1, 8, 3)])
-def test_model_logdet_matches_brute_force_jacobian(channels, size, scales):
+def test_model_logdet_matches_brute_force_jacobian(channels, size, scales, flow_norm):
     """sldj covers pre-processing and flow: log|dz/du| = sldj - D log 256, with v = (255x + u)/256."""
-    model = tiny_model(channels, size, scales)
+    model = tiny_model(channels, size, scales, flow_norm=flow_norm)
     x = torch.randint(0, 256, (1, channels, size, size)).double() / 255
     u = torch.rand_like(x)
     z, sldj = model(x, noise=u)
@@ -198,6 +200,7 @@ def test_sample_decodes_through_postprocess_and_temperature_scales_z():
     (dict(in_channels=0), 'in_channels must be a positive integer'),
     (dict(num_blocks=-1), 'num_blocks must be a positive integer'),
     (dict(data_constraint=1.5), 'data_constraint'),
+    (dict(flow_norm=1), 'flow_norm must be True or False'),
 ])
 def test_bad_configs_raise_value_error(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -231,7 +234,10 @@ def test_one_path_from_settings_to_a_model():
     flags = ['--image-size', '8', '--mid-channels', '4', '--num-blocks', '1', '--num-scales', '2']
     from_train = realnvp.config_from_args(train.build_parser().parse_args(flags + ['--dataset', 'cifar10']))
     from_bench = realnvp.config_from_args(bench.build_parser().parse_args(flags + ['--in-channels', '3']))
-    assert from_train == from_bench == config
+    assert from_train == from_bench == replace(config, flow_norm=True)   # the default recipe's model
+    lectures = realnvp.config_from_args(bench.build_parser().parse_args(flags + ['--in-channels', '3',
+                                                                                '--no-flow-norm']))
+    assert lectures == config
 
 
 def test_bad_inputs_raise_value_error():
@@ -430,11 +436,50 @@ def test_weight_average_follows_its_update_rule_exactly():
         realnvp.WeightAverage(model, decay=1.0)
 
 
-def test_refreshed_batch_norm_makes_eval_mode_match_train_mode():
+def test_batch_norm_flow_normalises_a_batch_and_its_logdet_is_the_jacobians():
+    """Train mode maps the batch to mean beta and standard deviation exp(log_gamma) per channel, with the log-det
+    of that (per-image, statistics held) map; eval mode's log-det is the brute-force Jacobian's and the reverse
+    inverts it."""
+    torch.manual_seed(0)
+    layer = realnvp.BatchNormFlow(3).double()
+    with torch.no_grad():
+        layer.log_gamma.copy_(torch.tensor([0.3, -0.2, 0.0]))
+        layer.beta.copy_(torch.tensor([1.0, 0.0, -2.0]))
+    x = 5 * torch.randn(64, 3, 2, 2, dtype=torch.float64) + 3
+    y, sldj = layer(x, torch.zeros(64, dtype=torch.float64))
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    assert torch.allclose(y.mean((0, 2, 3)), layer.beta, atol=1e-12)
+    assert torch.allclose(y.std((0, 2, 3), unbiased=False), layer.log_gamma.exp(), atol=1e-12)
+    expected = 4 * (layer.log_gamma - 0.5 * torch.log(var + layer.eps)).sum()
+    assert torch.allclose(sldj, expected.expand(64), rtol=0, atol=1e-12)
+    assert torch.allclose(layer.running_mean, 0.05 * mean, atol=1e-12)          # momentum 0.05 from 0
+    assert torch.allclose(layer.running_var, 0.95 + 0.05 * var * 256 / 255, atol=1e-12)   # unbiased, from 1
+    layer.eval()
+    one = x[:1]
+    y1, ldj = layer(one, torch.zeros(1, dtype=torch.float64))
+    assert abs(ldj.item() - logdet(lambda v: layer(v, torch.zeros(1, dtype=torch.float64))[0], one).item()) < 1e-10
+    back, none = layer(y1, None, reverse=True)
+    assert none is None and (back - one).abs().max() < 1e-12
+
+
+def test_flow_norm_is_a_layer_after_every_coupling_and_off_in_the_lectures_model():
+    plain, normed = RealNVP(img_size=8, **TINY), RealNVP(img_size=8, flow_norm=True, **TINY)
+    couplings = [m for m in normed.modules() if isinstance(m, CouplingLayer)]
+    assert len(couplings) == 10 and all(isinstance(c.bn_flow, realnvp.BatchNormFlow) for c in couplings)
+    assert not any(isinstance(m, realnvp.BatchNormFlow) for m in plain.modules())
+    assert RealNVPConfig().flow_norm is False   # the lecture's architecture, and every older checkpoint's
+    extra = {k for k in normed.state_dict()} - {k for k in plain.state_dict()}
+    assert extra and all('.bn_flow.' in k for k in extra)
+
+
+@pytest.mark.parametrize('flow_norm', [False, True])
+def test_refreshed_batch_norm_makes_eval_mode_match_train_mode(flow_norm):
     """After a refresh on a batch, eval mode (running statistics) gives the NLL that train mode (batch statistics)
     gives for the same images and noise: exactly, once BatchNorm's unbiased running variance (n / (n - 1)) is
-    undone, and within 1% as it is; the stale statistics the model had are far off."""
-    model = tiny_model(1, 8, 2)   # statistics settled on other batches and other weights
+    undone, and within 1% as it is; the stale statistics the model had are far off. With --flow-norm, the flow's
+    own batch norms (and their log-dets) are refreshed too."""
+    model = tiny_model(1, 8, 2, flow_norm=flow_norm)   # statistics settled on other batches and other weights
+    assert any(isinstance(m, realnvp.BatchNormFlow) for m in realnvp.batch_norms(model)) == flow_norm
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.1)
@@ -460,7 +505,8 @@ def test_refreshed_batch_norm_makes_eval_mode_match_train_mode():
         biased_nll = loss_fn(*model(x, noise=u))
     assert (biased_nll - train_nll).abs().max() < 1e-9 * train_nll.abs().max()
     assert ((eval_nll - train_nll) / train_nll).abs().max() < 0.01
-    assert ((stale_nll - train_nll) / train_nll).abs().max() > 0.5
+    # the stale statistics are far off (less so with the flow's own normalisation, which keeps z near unit scale)
+    assert ((stale_nll - train_nll) / train_nll).abs().max() > (0.05 if flow_norm else 0.5)
     # several batches: the plain average of their statistics
     halves = [(x[:128], u[:128]), (x[128:], u[128:])]
     realnvp.refresh_batch_norm(model, halves)
@@ -887,10 +933,11 @@ def test_every_batch_is_full_and_every_image_is_seen_each_epoch():
     assert torch.equal(train.fill_batches(torch.arange(3), 2, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
 
 
+@pytest.mark.parametrize('flow_norm', [False, True])
 @pytest.mark.parametrize('amp', [False, True])
-def test_the_model_traces_into_one_graph_forward_and_reverse(amp):
+def test_the_model_traces_into_one_graph_forward_and_reverse(amp, flow_norm):
     """torch.compile sees the whole flow, under --amp's autocast too: no graph breaks either way."""
-    model = RealNVP(img_size=8, **TINY)
+    model = RealNVP(img_size=8, flow_norm=flow_norm, **TINY)
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
         forward = torch._dynamo.explain(model)(torch.rand(4, 1, 8, 8), validate=False)
         model.eval()
@@ -1338,8 +1385,10 @@ def test_bench_reports_consistent_figures():
     assert result.returncode == 0, result.stderr
     import bench
     r = json.loads(result.stdout)
-    params, forward, step = bench.count_flops(RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1))
+    params, forward, step = bench.count_flops(RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1,
+                                                            flow_norm=True))   # the default recipe's model
     assert r['parameters'] == params and r['gflop_train_step_per_image'] == step / 1e9
+    assert -1 < r['flow_norm_share_of_step'] < 1   # timed against the same model without the flow's batch norms
     assert abs(r['achieved_gflop_per_s'] - r['gflop_train_step_per_image'] * r['train_images_per_s']) < 1e-6 * r['achieved_gflop_per_s']
     ceiling = max(r['matmul_fp32_gflop_per_s'], r['conv_fp32_gflop_per_s'])
     assert r['ceiling_fp32_gflop_per_s'] == ceiling and r['ceiling_dtype'] == 'fp32'
