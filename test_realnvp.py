@@ -786,6 +786,29 @@ def test_a_default_recipe_run_from_before_the_lr_decay_resumes_without_it(full_r
     assert train.parse_args(train.build_parser(), [])[0].lr_decay == 0.2
 
 
+@pytest.mark.slow
+def test_resume_takes_the_flow_norm_from_the_checkpoints_model(full_run, tmp_path):
+    """The architecture is the checkpoint's: a default-recipe run resumes with its flow batch norms even when its
+    saved arguments lack the flag, another value is refused, and a model without them resumes without them."""
+    import train
+    run = tmp_path / 'run'
+    shutil.copytree(full_run, run)
+    ckpt = load(run / 'last.pt')
+    assert ckpt['config']['flow_norm'] is True and ckpt['args']['flow_norm'] is True
+    del ckpt['args']['flow_norm']
+    torch.save(ckpt, run / 'last.pt')
+    resume = ['--resume', str(run / 'last.pt')]
+    assert train.parse_args(train.build_parser(), resume)[0].flow_norm is True
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(train.build_parser(), resume + ['--no-flow-norm'])
+    assert exit_info.value.code == 2
+    plain = RealNVP(RealNVPConfig(**{**ckpt['config'], 'flow_norm': False}))
+    ckpt['config'] = {k: v for k, v in ckpt['config'].items() if k != 'flow_norm'}   # as older checkpoints are
+    ckpt['model'] = ckpt['train_model'] = plain.state_dict()
+    torch.save(ckpt, run / 'last.pt')
+    assert train.parse_args(train.build_parser(), resume)[0].flow_norm is False
+
+
 # -----------------------------------------------------------------------------
 # train.py: one run folder, one run; crash order; nothing non-finite is saved
 
