@@ -658,7 +658,7 @@ def test_train_writes_checkpoints_metrics_plot_and_grid(full_run):
     ckpt = load(os.path.join(full_run, 'last.pt'))
     assert ckpt['step'] == 14 and ckpt['epoch'] == 2 and ckpt['skipped'] == 0
     assert ckpt['config'] == dict(in_channels=1, img_size=8, num_scales=2, mid_channels=4, num_blocks=1,
-                                  data_constraint=0.9)
+                                  data_constraint=0.9, flow_norm=True)   # the default recipe's model
     assert ckpt['args']['seed'] == 0 and 'state' in ckpt['optimizer']
     import train
     from types import SimpleNamespace
