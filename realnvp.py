@@ -209,8 +209,8 @@ class CouplingLayer(nn.Module):
         self.st_net = ResNet(in_channels, mid_channels, 2 * in_channels, num_blocks,
                              double_after_norm=self.mask_type == MaskType.CHECKERBOARD)
         self.rescale = Rescale(in_channels)
-        self.bn_flow = BatchNormFlow(in_channels * (2 if self.mask_type == MaskType.CHANNEL_WISE else 1)) \
-            if flow_norm else None
+        out_channels = 2 * in_channels if self.mask_type == MaskType.CHANNEL_WISE else in_channels  # all of x
+        self.bn_flow = BatchNormFlow(out_channels) if flow_norm else None
 
     def _scale_translate(self, x_id):
         # The s/t net may run in bf16 under autocast; the coupling arithmetic stays in x's dtype.

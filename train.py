@@ -42,7 +42,7 @@ RECIPES = {
                     flow_norm=False),
 }
 OLD_RECIPE = 'lecture'  # the recipe of checkpoints written before --recipe existed
-BEFORE_FLAGS = dict(lr_decay=0.0, flow_norm=False)  # what checkpoints written before these flags existed ran with
+BEFORE_FLAGS = dict(lr_decay=0.0)  # what checkpoints written before these flags existed ran with
 
 
 def unit_interval(text):
