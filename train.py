@@ -121,9 +121,8 @@ def build_parser():
 FROZEN, KEPT, PER_RUN = 'frozen', 'kept', 'per-run'
 RESUME_POLICY = {
     **dict.fromkeys(('batch_size', 'recipe', 'lr', 'weight_decay', 'warmup_steps', 'lr_decay', 'ema_decay',
-                     'max_grad_norm',
-                     'num_scales', 'mid_channels', 'num_blocks', 'image_size', 'flow_norm', 'digits', 'dataset',
-                     'seed', 'amp'),
+                     'max_grad_norm', 'num_scales', 'mid_channels', 'num_blocks', 'image_size', 'flow_norm',
+                     'digits', 'dataset', 'seed', 'amp'),
                     FROZEN),
     **dict.fromkeys(('epochs', 'sample_every', 'log_every', 'max_bad_steps', 'data_dir', 'bn_refresh'), KEPT),
     **dict.fromkeys(('out_dir', 'resume', 'max_steps', 'device', 'compile', 'deterministic', 'num_threads'),
@@ -209,10 +208,10 @@ def apply_resume_policy(args, given):
     """With --resume: load the checkpoint, refuse changed FROZEN flags, take FROZEN and KEPT ones from it."""
     if not args.resume:
         return None
-    _, ckpt = R.load_checkpoint(args.resume)  # one-line errors for a missing, corrupt or misfitting file
+    model, ckpt = R.load_checkpoint(args.resume)  # one-line errors for a missing, corrupt or misfitting file
     recipe = ckpt.get('args', {}).get('recipe') or OLD_RECIPE
     saved = {**RECIPES[recipe], **BEFORE_FLAGS, **ckpt.get('args', {}), 'recipe': recipe,
-             'flow_norm': R.RealNVPConfig(**ckpt['config']).flow_norm}   # the architecture is the checkpoint's
+             'flow_norm': model.config.flow_norm}   # the architecture is the checkpoint's
     saved['digits'] = sorted(set(saved['digits'])) if saved.get('digits') else None
     if 'optimizer' not in ckpt or 'rng' not in ckpt or 'step' not in ckpt:
         raise ValueError(f'{args.resume} holds weights but not the state to resume from (optimizer, step, random '
