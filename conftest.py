@@ -46,9 +46,10 @@ def perturb_and_settle(model, shape, seed=0, steps=3):
     return model
 
 
-def tiny_model(channels, size, scales, seed=0, flow_norm=False):
+def tiny_model(channels, size, scales, seed=0, **arch):
+    """A float64 tiny model, its batch norms settled; `arch`: more RealNVPConfig settings (flow_norm, t_bound)."""
     torch.manual_seed(seed)
-    model = RealNVP(in_channels=channels, img_size=size, num_scales=scales, flow_norm=flow_norm, **TINY).double()
+    model = RealNVP(in_channels=channels, img_size=size, num_scales=scales, **arch, **TINY).double()
     return perturb_and_settle(model, (channels, size, size), seed)
 
 

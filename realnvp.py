@@ -196,14 +196,18 @@ class ResNet(nn.Module):
 class CouplingLayer(nn.Module):
     """Affine coupling y = b*x + (1-b) * (x + t(b*x)) * exp(s(b*x)), log|det| = sum (1-b)*s (Section 3.3).
 
-    s = rescale(tanh(raw s)). Checkerboard masks act on the spatial grid; channel-wise
-    masks keep one half of the channels (the first if `reverse_mask`) and change the other.
+    s = rescale(tanh(raw s)); t = t_bound tanh(raw t / t_bound) when `t_bound` > 0, else raw t (the lecture's).
+    t does not enter the log-det, so bounding it keeps the flow exact; it keeps one unusual input from being
+    carried far out of the range the next couplings were trained on. Checkerboard masks act on the spatial
+    grid; channel-wise masks keep one half of the channels (the first if `reverse_mask`) and change the other.
     """
 
-    def __init__(self, in_channels, mid_channels, num_blocks, mask_type, reverse_mask, flow_norm=False):
+    def __init__(self, in_channels, mid_channels, num_blocks, mask_type, reverse_mask, flow_norm=False,
+                 t_bound=0.0):
         super().__init__()
         self.mask_type = MaskType(mask_type)
         self.reverse_mask = reverse_mask
+        self.t_bound = float(t_bound)
         if self.mask_type == MaskType.CHANNEL_WISE:
             in_channels //= 2
         self.st_net = ResNet(in_channels, mid_channels, 2 * in_channels, num_blocks,
@@ -215,6 +219,8 @@ class CouplingLayer(nn.Module):
     def _scale_translate(self, x_id):
         # The s/t net may run in bf16 under autocast; the coupling arithmetic stays in x's dtype.
         s, t = self.st_net(x_id).to(x_id.dtype).chunk(2, dim=1)
+        if self.t_bound > 0:
+            t = self.t_bound * torch.tanh(t / self.t_bound)
         return self.rescale(torch.tanh(s)), t
 
     def forward(self, x, sldj=None, reverse=False):
@@ -307,6 +313,7 @@ class RealNVPConfig:
     num_blocks: int = 8
     data_constraint: float = 0.9
     flow_norm: bool = False   # batch normalisation after each coupling (paper Section 3.7); the lecture has none
+    t_bound: float = 0.0      # couplings' translations bounded to (-t_bound, t_bound) by a tanh; 0: unbounded (lecture)
 
     def __post_init__(self):
         for name in ('in_channels', 'img_size', 'num_scales', 'mid_channels', 'num_blocks'):
@@ -315,6 +322,9 @@ class RealNVPConfig:
                 raise ValueError(f'{name} must be a positive integer, got {value!r}')
         if not isinstance(self.flow_norm, bool):
             raise ValueError(f'flow_norm must be True or False, got {self.flow_norm!r}')
+        if (not isinstance(self.t_bound, (int, float)) or isinstance(self.t_bound, bool)
+                or not 0.0 <= self.t_bound < math.inf):
+            raise ValueError(f't_bound must be a finite number >= 0 (0: unbounded), got {self.t_bound!r}')
         if not 0.0 < self.data_constraint < 1.0:
             raise ValueError(f'data_constraint must lie in (0, 1), got {self.data_constraint!r}')
         factor = 2 ** (self.num_scales - 1)
@@ -339,21 +349,22 @@ class _RealNVP(nn.Module):
     """One scale: 3 checkerboard couplings, squeeze, 3 channel-wise couplings, unsqueeze, then factor
     out half the variables (alternate-order squeeze) and recurse; the last scale has 4 checkerboard couplings."""
 
-    def __init__(self, scale_idx, num_scales, in_channels, mid_channels, num_blocks, flow_norm=False):
+    def __init__(self, scale_idx, num_scales, in_channels, mid_channels, num_blocks, **coupling):
+        """`coupling`: the settings every coupling layer gets (flow_norm, t_bound)."""
         super().__init__()
         self.is_last_block = scale_idx == num_scales - 1
         n_checker = 4 if self.is_last_block else 3
         self.in_couplings = nn.ModuleList([
             CouplingLayer(in_channels, mid_channels, num_blocks, MaskType.CHECKERBOARD, reverse_mask=i % 2 == 1,
-                          flow_norm=flow_norm)
+                          **coupling)
             for i in range(n_checker)])
         if not self.is_last_block:
             self.out_couplings = nn.ModuleList([
                 CouplingLayer(4 * in_channels, 2 * mid_channels, num_blocks, MaskType.CHANNEL_WISE,
-                              reverse_mask=i % 2 == 1, flow_norm=flow_norm)
+                              reverse_mask=i % 2 == 1, **coupling)
                 for i in range(3)])
             self.next_block = _RealNVP(scale_idx + 1, num_scales, 2 * in_channels, 2 * mid_channels, num_blocks,
-                                       flow_norm)
+                                       **coupling)
 
     def forward(self, x, sldj, reverse=False):
         if reverse:
@@ -397,7 +408,8 @@ class RealNVP(nn.Module):
             raise TypeError('pass a RealNVPConfig or keyword settings, not both')
         self.config = RealNVPConfig(**kwargs) if config is None else config
         c = self.config
-        self.flows = _RealNVP(0, c.num_scales, c.in_channels, c.mid_channels, c.num_blocks, c.flow_norm)
+        self.flows = _RealNVP(0, c.num_scales, c.in_channels, c.mid_channels, c.num_blocks,
+                              flow_norm=c.flow_norm, t_bound=c.t_bound)
         self.to(memory_format=torch.channels_last)  # convolution weights in NHWC, like their inputs
 
     @property
@@ -955,6 +967,9 @@ def die(prog, error, code=1):
     sys.exit(code)
 
 
+DEFAULT_T_BOUND = 20.0   # the default recipe's --t-bound
+
+
 def add_model_args(parser):
     """The architecture's flags, shared by train.py and bench.py; `config_from_args` reads them back."""
     a = parser.add_argument
@@ -966,6 +981,10 @@ def add_model_args(parser):
     a('--flow-norm', action=argparse.BooleanOptionalAction, default=None,
       help='batch normalisation of every coupling\'s output as a layer of the flow, with its log-det (RealNVP '
            'paper, Section 3.7); the lecture has none (default: on; with --recipe lecture, off)')
+    a('--t-bound', type=non_negative_float, default=None, metavar='B',
+      help='bound every coupling\'s translation t to (-B, B) by B tanh(t / B); t is not in the log-det, so the '
+           'flow stays exact, and one unusual image cannot be carried far out of the range the later couplings '
+           f'know; 0: unbounded, as in the lecture (default {DEFAULT_T_BOUND:g}; with --recipe lecture, 0)')
 
 
 def config_from_args(args):
@@ -973,4 +992,5 @@ def config_from_args(args):
     in_channels = getattr(args, 'in_channels', None) or DATASET_CHANNELS[getattr(args, 'dataset', 'mnist')]
     return RealNVPConfig(in_channels=in_channels, img_size=args.image_size, num_scales=args.num_scales,
                          mid_channels=args.mid_channels, num_blocks=args.num_blocks,
-                         flow_norm=args.flow_norm is not False)   # None: not given, the default recipe's
+                         flow_norm=args.flow_norm is not False,   # None: not given, the default recipe's
+                         t_bound=DEFAULT_T_BOUND if args.t_bound is None else args.t_bound)

@@ -105,11 +105,16 @@ def test_coupling_logdet_matches_brute_force_jacobian(mask_type, reverse_mask, c
 # 4. the multi-scale model and its config
 
 
-@pytest.mark.parametrize('flow_norm', [False, True])
+# The lecture's couplings, with the flow's batch norms, and with both those and a translation bound small enough
+# to bend the tiny models' t (checked in test_the_translation_bound_bends_t_and_keeps_it_inside).
+ARCHS = [dict(), dict(flow_norm=True), dict(flow_norm=True, t_bound=0.5)]
+
+
+@pytest.mark.parametrize('arch', ARCHS)
 @pytest.mark.parametrize('channels', [1, 3])
 @pytest.mark.parametrize('scales', [1, 2, 3])
-def test_model_inverse_recovers_input(channels, scales, flow_norm):
-    model = tiny_model(channels, 8, scales, flow_norm=flow_norm)
+def test_model_inverse_recovers_input(channels, scales, arch):
+    model = tiny_model(channels, 8, scales, **arch)
     x = torch.randint(0, 256, (4, channels, 8, 8)).double() / 255
     u = torch.rand_like(x)
     z, _ = model(x, noise=u)
@@ -124,11 +129,11 @@ def test_model_inverse_recovers_input(channels, scales, flow_norm):
     assert (model.flows(y2, torch.zeros(4, dtype=torch.float64))[0] - z2).abs().max() < 1e-10
 
 
-@pytest.mark.parametrize('flow_norm', [False, True])
+@pytest.mark.parametrize('arch', ARCHS)
 @pytest.mark.parametrize('channels,size,scales', [(1, 4, 2), (3, 8, 2), (1, 8, 3)])
-def test_model_logdet_matches_brute_force_jacobian(channels, size, scales, flow_norm):
+def test_model_logdet_matches_brute_force_jacobian(channels, size, scales, arch):
     """sldj covers pre-processing and flow: log|dz/du| = sldj - D log 256, with v = (255x + u)/256."""
-    model = tiny_model(channels, size, scales, flow_norm=flow_norm)
+    model = tiny_model(channels, size, scales, **arch)
     x = torch.randint(0, 256, (1, channels, size, size)).double() / 255
     u = torch.rand_like(x)
     z, sldj = model(x, noise=u)
@@ -201,6 +206,11 @@ def test_sample_decodes_through_postprocess_and_temperature_scales_z():
     (dict(num_blocks=-1), 'num_blocks must be a positive integer'),
     (dict(data_constraint=1.5), 'data_constraint'),
     (dict(flow_norm=1), 'flow_norm must be True or False'),
+    (dict(t_bound=-1.0), 't_bound must be a finite number >= 0'),
+    (dict(t_bound=math.inf), 't_bound must be a finite number >= 0'),
+    (dict(t_bound=math.nan), 't_bound must be a finite number >= 0'),
+    (dict(t_bound=True), 't_bound must be a finite number >= 0'),
+    (dict(t_bound='20'), 't_bound must be a finite number >= 0'),
 ])
 def test_bad_configs_raise_value_error(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -234,9 +244,9 @@ def test_one_path_from_settings_to_a_model():
     flags = ['--image-size', '8', '--mid-channels', '4', '--num-blocks', '1', '--num-scales', '2']
     from_train = realnvp.config_from_args(train.build_parser().parse_args(flags + ['--dataset', 'cifar10']))
     from_bench = realnvp.config_from_args(bench.build_parser().parse_args(flags + ['--in-channels', '3']))
-    assert from_train == from_bench == replace(config, flow_norm=True)   # the default recipe's model
+    assert from_train == from_bench == replace(config, flow_norm=True, t_bound=realnvp.DEFAULT_T_BOUND)
     lectures = realnvp.config_from_args(bench.build_parser().parse_args(flags + ['--in-channels', '3',
-                                                                                '--no-flow-norm']))
+                                                                                '--no-flow-norm', '--t-bound', '0']))
     assert lectures == config
 
 
@@ -472,6 +482,33 @@ def test_flow_norm_is_a_layer_after_every_coupling_and_off_in_the_lectures_model
     assert extra and all('.bn_flow.' in k for k in extra)
 
 
+def test_the_translation_bound_bends_t_and_keeps_it_inside():
+    """Every coupling's t is t_bound tanh(raw t / t_bound): inside the bound, and bent where raw t is large (in the
+    tiny float64 models of the inverse and log-det tests, whose ARCHS bound of 0.5 is therefore not idle)."""
+    bound = ARCHS[-1]['t_bound']
+    model = tiny_model(1, 8, 2, **ARCHS[-1]).eval()
+    assert RealNVPConfig().t_bound == 0.0   # the lecture's architecture, and every older checkpoint's
+    couplings = [m for m in model.modules() if isinstance(m, CouplingLayer)]
+    assert len(couplings) == 10 and all(c.t_bound == bound for c in couplings)
+    seen = []
+    hooks = [c.st_net.register_forward_hook(lambda net, inputs, out, c=c: seen.append((c, inputs[0], out)))
+             for c in couplings]
+    model(torch.randint(0, 256, (4, 1, 8, 8)).double() / 255)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 10
+    largest = 0.0
+    for coupling, x_id, out in seen:
+        raw_t = out.chunk(2, dim=1)[1]
+        t = coupling._scale_translate(x_id)[1]
+        assert t.abs().max() < bound
+        assert (t - bound * torch.tanh(raw_t / bound)).abs().max() < 1e-15
+        largest = max(largest, raw_t.abs().max().item())
+    assert largest > 2 * bound   # the bound bends t: tanh(2) is 0.96, 4% below the identity
+    coupling.t_bound = 0.0
+    assert torch.equal(coupling._scale_translate(x_id)[1], raw_t)   # unbounded: the lecture's t
+
+
 @pytest.mark.parametrize('flow_norm', [False, True])
 def test_refreshed_batch_norm_makes_eval_mode_match_train_mode(flow_norm):
     """After a refresh on a batch, eval mode (running statistics) gives the NLL that train mode (batch statistics)
@@ -658,7 +695,7 @@ def test_train_writes_checkpoints_metrics_plot_and_grid(full_run):
     ckpt = load(os.path.join(full_run, 'last.pt'))
     assert ckpt['step'] == 14 and ckpt['epoch'] == 2 and ckpt['skipped'] == 0
     assert ckpt['config'] == dict(in_channels=1, img_size=8, num_scales=2, mid_channels=4, num_blocks=1,
-                                  data_constraint=0.9, flow_norm=True)   # the default recipe's model
+                                  data_constraint=0.9, flow_norm=True, t_bound=20.0)   # the default recipe's
     assert ckpt['args']['seed'] == 0 and 'state' in ckpt['optimizer']
     import train
     from types import SimpleNamespace
@@ -807,6 +844,28 @@ def test_resume_takes_the_flow_norm_from_the_checkpoints_model(full_run, tmp_pat
     ckpt['model'] = ckpt['train_model'] = plain.state_dict()
     torch.save(ckpt, run / 'last.pt')
     assert train.parse_args(train.build_parser(), resume)[0].flow_norm is False
+
+
+@pytest.mark.slow
+def test_resume_takes_the_translation_bound_from_the_checkpoints_model(full_run, tmp_path):
+    """Like the flow norm: a default-recipe run resumes with its bound even when its saved arguments lack the flag,
+    another bound is refused, and a checkpoint from before the bound existed resumes unbounded."""
+    import train
+    run = tmp_path / 'run'
+    shutil.copytree(full_run, run)
+    ckpt = load(run / 'last.pt')
+    assert ckpt['config']['t_bound'] == ckpt['args']['t_bound'] == realnvp.DEFAULT_T_BOUND
+    del ckpt['args']['t_bound']
+    torch.save(ckpt, run / 'last.pt')
+    resume = ['--resume', str(run / 'last.pt')]
+    assert train.parse_args(train.build_parser(), resume)[0].t_bound == realnvp.DEFAULT_T_BOUND
+    assert train.parse_args(train.build_parser(), resume + ['--t-bound', '20'])[0].t_bound == 20.0   # the same
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(train.build_parser(), resume + ['--t-bound', '5'])
+    assert exit_info.value.code == 2
+    ckpt['config'] = {k: v for k, v in ckpt['config'].items() if k != 't_bound'}   # as older checkpoints are
+    torch.save(ckpt, run / 'last.pt')
+    assert train.parse_args(train.build_parser(), resume)[0].t_bound == 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -1153,6 +1212,7 @@ def test_recipes_fill_what_no_flag_gives():
     assert {k: getattr(args, k) for k in train.RECIPES['default']} == train.RECIPES['default']
     args, _, _ = train.parse_args(parser, ['--recipe', 'lecture', '--lr', '3e-4'])
     assert (args.lr, args.weight_decay, args.warmup_steps, args.ema_decay, args.bn_refresh) == (3e-4, 0.0, 0, 0.0, 0)
+    assert realnvp.config_from_args(args) == RealNVPConfig()   # the lecture's architecture: no flow norm, no bound
 
 # -----------------------------------------------------------------------------
 # bad input: one clear line, the right exit code, and nothing saved is touched

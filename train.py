@@ -37,9 +37,9 @@ import realnvp as R
 # The training recipes: settings that --recipe fills in where no flag gives them.
 RECIPES = {
     'default': dict(lr=1e-3, weight_decay=5e-5, warmup_steps=0, lr_decay=0.2, ema_decay=0.999, bn_refresh=10,
-                    flow_norm=True),
+                    flow_norm=True, t_bound=R.DEFAULT_T_BOUND),
     'lecture': dict(lr=1e-3, weight_decay=0.0, warmup_steps=0, lr_decay=0.0, ema_decay=0.0, bn_refresh=0,
-                    flow_norm=False),
+                    flow_norm=False, t_bound=0.0),
 }
 OLD_RECIPE = 'lecture'  # the recipe of checkpoints written before --recipe existed
 BEFORE_FLAGS = dict(lr_decay=0.0)  # what checkpoints written before these flags existed ran with
@@ -58,11 +58,11 @@ def build_parser():
            'last batch of an epoch is filled up from the start of that epoch\'s shuffled order, so each image is '
            'seen at least once an epoch and a compiled step never meets a second shape')
     a('--recipe', choices=tuple(RECIPES), default=None,
-      help='default: the paper\'s batch normalisation of each coupling\'s output (--flow-norm), a weight average, '
-           'batch-norm statistics recomputed for it, the paper\'s L2 penalty and the learning rate lowered to 0 '
-           'over the last 20%% of the run (see README); lecture: the lecture notebook\'s model and Adam at 1e-3 '
-           'and nothing else. The flags below marked [recipe], and --flow-norm, override single settings of it '
-           '(default: default)')
+      help='default: the paper\'s batch normalisation of each coupling\'s output (--flow-norm), bounded '
+           'translations (--t-bound), a weight average, batch-norm statistics recomputed for it, the paper\'s L2 '
+           'penalty and the learning rate lowered to 0 over the last 20%% of the run (see README); lecture: the '
+           'lecture notebook\'s model and Adam at 1e-3 and nothing else. The flags below marked [recipe], '
+           '--flow-norm and --t-bound override single settings of it (default: default)')
     a('--lr', type=R.positive_float, default=None, help='[recipe] Adam learning rate (default 1e-3; lecture 1e-3)')
     a('--weight-decay', type=R.non_negative_float, default=None,
       help='[recipe] L2 penalty on the weight-norm scales only, as in the RealNVP paper (default 5e-5; lecture 0)')
@@ -122,7 +122,7 @@ FROZEN, KEPT, PER_RUN = 'frozen', 'kept', 'per-run'
 RESUME_POLICY = {
     **dict.fromkeys(('batch_size', 'recipe', 'lr', 'weight_decay', 'warmup_steps', 'lr_decay', 'ema_decay',
                      'max_grad_norm', 'num_scales', 'mid_channels', 'num_blocks', 'image_size', 'flow_norm',
-                     'digits', 'dataset', 'seed', 'amp'),
+                     't_bound', 'digits', 'dataset', 'seed', 'amp'),
                     FROZEN),
     **dict.fromkeys(('epochs', 'sample_every', 'log_every', 'max_bad_steps', 'data_dir', 'bn_refresh'), KEPT),
     **dict.fromkeys(('out_dir', 'resume', 'max_steps', 'device', 'compile', 'deterministic', 'num_threads'),
@@ -211,7 +211,7 @@ def apply_resume_policy(args, given):
     model, ckpt = R.load_checkpoint(args.resume)  # one-line errors for a missing, corrupt or misfitting file
     recipe = ckpt.get('args', {}).get('recipe') or OLD_RECIPE
     saved = {**RECIPES[recipe], **BEFORE_FLAGS, **ckpt.get('args', {}), 'recipe': recipe,
-             'flow_norm': model.config.flow_norm}   # the architecture is the checkpoint's
+             'flow_norm': model.config.flow_norm, 't_bound': model.config.t_bound}   # the checkpoint's model
     saved['digits'] = sorted(set(saved['digits'])) if saved.get('digits') else None
     if 'optimizer' not in ckpt or 'rng' not in ckpt or 'step' not in ckpt:
         raise ValueError(f'{args.resume} holds weights but not the state to resume from (optimizer, step, random '
