@@ -25,7 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import realnvp as R
-from train import compile_model, train_step
+from train import Update, compile_model, train_step
 
 
 def build_parser():
@@ -141,13 +141,13 @@ def training_step(args, config, device):
     torch.manual_seed(0)
     model = R.RealNVP(config).to(device).train()
     net = compile_model(model, device) if args.compile else model
-    optimizer = R.make_optimizer(model, 1e-3, 5e-5, device)
+    update = Update(R.make_optimizer(model, 1e-3, 5e-5, device), 100.0, compile=args.compile)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
     images = torch.randint(0, 256, (args.batch_size, *model.shape), dtype=torch.uint8, device=device)
     loss_fn = R.RealNVPLoss()
 
     def step():
-        train_step(net, optimizer, loss_fn, images.float() / 255.0, 100.0, autocast)
+        train_step(net, update, loss_fn, images.float() / 255.0, autocast)
     return model, autocast, images, step
 
 

@@ -641,8 +641,9 @@ def test_non_finite_step_leaves_weights_and_optimizer_untouched(fused):
     torch.manual_seed(0)
     model = RealNVP(img_size=4, num_scales=2, **TINY)
     opt = torch.optim.Adam(get_param_groups(model, 5e-5), lr=1e-2, fused=fused)
+    update = train.Update(opt, 100.0)
     x = torch.rand(8, 1, 4, 4)
-    loss, bad = train.train_step(model, opt, RealNVPLoss(), x, 100.0, nullcontext())
+    loss, bad = train.train_step(model, update, RealNVPLoss(), x, nullcontext())
     assert bad.item() == 0 and torch.isfinite(loss)
     weights = {k: v.clone() for k, v in model.state_dict().items()}   # batch-norm statistics included
     moments = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
@@ -650,14 +651,14 @@ def test_non_finite_step_leaves_weights_and_optimizer_untouched(fused):
     def nan_loss(z, sldj):
         return RealNVPLoss()(z, sldj) * float('nan')
 
-    loss, bad = train.train_step(model, opt, nan_loss, x, 100.0, nullcontext())
+    loss, bad = train.train_step(model, update, nan_loss, x, nullcontext())
     assert bad.item() == 1 and torch.isnan(loss)
     for k, v in weights.items():
         assert torch.equal(model.state_dict()[k], v), k
     for p, s in opt.state.items():
         for k, v in s.items():
             assert torch.equal(v, moments[id(p)][k]), k
-    loss, bad = train.train_step(model, opt, RealNVPLoss(), x, 100.0, nullcontext())
+    loss, bad = train.train_step(model, update, RealNVPLoss(), x, nullcontext())
     assert bad.item() == 0
     assert any(not torch.equal(model.state_dict()[k], v) for k, v in weights.items())
 
@@ -1028,17 +1029,69 @@ def test_the_model_traces_into_one_graph_forward_and_reverse(amp, flow_norm):
         assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
-def test_a_compiled_run_never_recompiles(data_dir, tmp_path, monkeypatch):
-    """Two epochs of 100 images in batches of 16 (the last one filled up) under --compile, with torch told to
-    fail on any recompilation (the graphs are built by dynamo's eager backend: no C++ compiler needed)."""
+def counting_compile(monkeypatch):
+    """torch.compile with a backend that runs each graph as dynamo built it (no C++ compiler needed) and keeps
+    a list of the graphs compiled, which it returns."""
     import functools
-    import train
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
     torch._dynamo.reset()
-    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='eager'))
-    monkeypatch.setattr(torch._dynamo.config, 'error_on_recompile', True)
+    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend=backend))
+    return graphs
+
+
+def test_a_compiled_run_never_recompiles(data_dir, tmp_path, monkeypatch):
+    """Two epochs of 100 images in batches of 16 (the last one filled up) under --compile, through the
+    learning rate's decay: every graph (the net's, the update's) is compiled in the first step, none after."""
+    import train
+    graphs, after_step = counting_compile(monkeypatch), []
+    step = train.Trainer.step
+    monkeypatch.setattr(train.Trainer, 'step', lambda self, idx: (step(self, idx), after_step.append(len(graphs))))
     out = str(tmp_path / 'compiled')
     assert train.main(['--data-dir', data_dir, '--out-dir', out, '--epochs', '2', '--compile', *TINY_RUN]) == 0
-    assert load(os.path.join(out, 'last.pt'))['step'] == 14
+    assert load(os.path.join(out, 'last.pt'))['step'] == len(after_step) == 14
+    assert after_step[0] >= 2 and after_step == after_step[:1] * 14, after_step
+    torch._dynamo.reset()
+
+
+def test_the_update_asks_no_host_and_compiles_to_the_same_steps(monkeypatch):
+    """`Update` with a fused Adam: its found_inf is one buffer for the whole run. Compiled, the update takes the
+    same steps as eager, bit for bit, through a changing learning rate and a skipped step; each of its two
+    halves is one graph without breaks (no host sync in them), and no graph is compiled after the first step."""
+    import copy
+    import train
+    from contextlib import nullcontext
+    torch.manual_seed(0)
+    eager_model = RealNVP(img_size=4, num_scales=2, flow_norm=True, **TINY)
+    compiled_model = copy.deepcopy(eager_model)
+    graphs = counting_compile(monkeypatch)
+    eager = train.Update(realnvp.make_optimizer(eager_model, 1e-3, 5e-5, 'cpu'), 100.0)
+    compiled = train.Update(realnvp.make_optimizer(compiled_model, 1e-3, 5e-5, 'cpu'), 100.0, compile=True)
+    found_inf = compiled.optimizer.found_inf
+
+    def nan_loss(z, sldj):
+        return RealNVPLoss()(z, sldj) * float('nan')
+    g, compiled_after = torch.Generator().manual_seed(0), []
+    for i in range(6):
+        x = torch.rand(8, 1, 4, 4, generator=g)
+        for update, model in ((eager, eager_model), (compiled, compiled_model)):
+            update.set_lr(1e-3 * (1 - i / 6))
+            torch.manual_seed(i)   # the same dequantisation noise
+            loss, bad = train.train_step(model, update, nan_loss if i == 3 else RealNVPLoss(), x, nullcontext())
+            assert bad.item() == (i == 3)
+        compiled_after.append(len(graphs))
+        for (name, a), b in zip(eager_model.state_dict().items(), compiled_model.state_dict().values()):
+            assert torch.equal(a, b), (i, name)
+        assert compiled.optimizer.found_inf is found_inf and found_inf.item() == (i == 3)
+    assert compiled_after == [2] * 6
+    buffers = list(compiled_model.buffers())
+    for half, inputs in ((compiled._check, (torch.tensor(1.0),)),
+                         (compiled._commit, (torch.tensor(0.0), buffers, [b.clone() for b in buffers]))):
+        explained = torch._dynamo.explain(half)(*inputs)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
     torch._dynamo.reset()
 
 

@@ -446,34 +446,65 @@ def plot_curves(rows, path):
 # the training step
 
 
-def train_step(model, optimizer, loss_fn, x, max_grad_norm, autocast, dist=None):
-    """One optimizer step: a non-finite loss or gradient skips the update and leaves every piece of state
-    (weights, optimizer moments, batch-norm statistics) as it was.
+class Update:
+    """What a training step does after its backward pass: clip the gradient norm, decide whether the step is bad
+    (a non-finite loss or gradient, on any process), put the batch-norm buffers back if it is, and step the
+    optimizer unless it is.
 
-    A fused Adam (CUDA, CPU) reads `found_inf` on the device and leaves weights and moments untouched
-    when it is 1, and the batch-norm buffers are put back with a `where` on the device, so the step needs
-    no host sync; any other optimizer asks the host. Under several processes `dist` (a train.Dist) makes
-    every rank skip the same steps. Returns (loss, bad) as 0-dim device tensors."""
+    A fused Adam (CUDA, CPU) reads the decision from `found_inf`, one device buffer kept for the whole run, and
+    leaves weights and moments untouched when it is 1, so nothing here asks the host; any other optimizer asks
+    it whether to step. `compile=True` compiles the two halves around the processes' agreement (clip and
+    decide; put back and hand over the decision), with CUDA graphs on CUDA as the net (`compile_model`). The
+    optimizer step itself stays outside: torch does not trace into fused optimizers (it is one multi-tensor
+    launch per parameter group), and its capturable non-fused form, the one torch can compile, runs only on
+    accelerators, where it could not be tested here."""
+
+    def __init__(self, optimizer, max_grad_norm, dist=None, compile=False):
+        self.optimizer, self.max_grad_norm, self.dist = optimizer, max_grad_norm, dist or Dist(None)
+        self.params = [p for g in optimizer.param_groups for p in g['params']]
+        self.fused = bool(optimizer.defaults.get('fused'))
+        if self.fused:
+            optimizer.found_inf = torch.zeros((), device=self.params[0].device)
+        self.check, self.commit = self._check, self._commit
+        if compile:
+            mode = 'reduce-overhead' if self.params[0].is_cuda else None
+            self.check, self.commit = (torch.compile(f, mode=mode, dynamic=False) for f in (self._check, self._commit))
+
+    def set_lr(self, lr):
+        for group in self.optimizer.param_groups:
+            group['lr'] = lr
+
+    def apply(self, loss, buffers, before):
+        """Returns bad: 1.0 when the step was skipped, as a 0-dim device tensor."""
+        bad = self.dist.all_reduce(self.check(loss), 'max')
+        self.commit(bad, buffers, before)
+        if self.fused or not bad.item():
+            self.optimizer.step()
+        return bad
+
+    def _check(self, loss):
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        return (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+
+    def _commit(self, bad, buffers, before):
+        for buffer, old in zip(buffers, before):
+            buffer.copy_(torch.where(bad > 0, old, buffer))
+        if self.fused:
+            self.optimizer.found_inf.copy_(bad)
+
+
+def train_step(model, update, loss_fn, x, autocast):
+    """One optimizer step: a non-finite loss or gradient skips the update (an `Update`) and leaves every piece of
+    state (weights, optimizer moments, batch-norm statistics) as it was. Returns (loss, bad) as 0-dim device
+    tensors."""
     buffers = list(model.buffers())
     before = [b.clone() for b in buffers]
     with autocast:
         z, sldj = model(x, validate=False)
     loss = loss_fn(z.float(), sldj.float())
-    optimizer.zero_grad(set_to_none=True)
+    update.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        [p for g in optimizer.param_groups for p in g['params']], max_grad_norm)
-    bad = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
-    if dist is not None:
-        dist.all_reduce(bad, 'max')
-    for buffer, old in zip(buffers, before):
-        buffer.copy_(torch.where(bad > 0, old, buffer))
-    if optimizer.defaults.get('fused'):
-        optimizer.found_inf = bad
-        optimizer.step()
-    elif not bad.item():
-        optimizer.step()
-    return loss.detach(), bad
+    return loss.detach(), update.apply(loss.detach(), buffers, before)
 
 
 # -----------------------------------------------------------------------------
@@ -558,11 +589,12 @@ class Trainer:
 
     def __init__(self, args, run, dist, learner, data, state):
         self.args, self.run, self.dist, self.state, self.data = args, run, dist, state, data
-        self.model, self.optimizer, self.average = learner.model, learner.optimizer, learner.average
+        self.model, self.average = learner.model, learner.average
         model = self.model
         self.device = dist.device
         net = dist.wrap(model)
         self.net = compile_model(net, self.device) if args.compile else net
+        self.update = Update(learner.optimizer, args.max_grad_norm, dist, compile=args.compile)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
         self.loss_fn = R.RealNVPLoss()
         self.sampler = DistributedSampler(range(len(data.train)), num_replicas=dist.world, rank=dist.rank,
@@ -642,10 +674,8 @@ class Trainer:
 
     def step(self, idx):
         x = self.data.train[idx].float() / 255.0                     # (b, C, H, W) in [0, 1]
-        for group in self.optimizer.param_groups:
-            group['lr'] = learning_rate(self.args, self.state.step, self.args.epochs * self.steps_per_epoch)
-        loss, bad = train_step(self.net, self.optimizer, self.loss_fn, x, self.args.max_grad_norm, self.autocast,
-                               self.dist)
+        self.update.set_lr(learning_rate(self.args, self.state.step, self.args.epochs * self.steps_per_epoch))
+        loss, bad = train_step(self.net, self.update, self.loss_fn, x, self.autocast)
         self.average.update(self.model, self.state.step + 1)
         self.totals += torch.stack([torch.where(bad > 0, 0.0, loss.double() * len(idx)),
                                     (1.0 - bad).double() * len(idx)])
@@ -746,7 +776,7 @@ class Trainer:
                'cuda': torch.cuda.get_rng_state(self.device) if self.device.type == 'cuda' else None}
         rngs = self.dist.gather(rng)
         obj = dict(config=asdict(self.model.config), model=users.state_dict(), train_model=self.model.state_dict(),
-                   optimizer=self.optimizer.state_dict(), args=vars(self.args), rng=rngs, run_id=self.args.run_id,
+                   optimizer=self.update.optimizer.state_dict(), args=vars(self.args), rng=rngs, run_id=self.args.run_id,
                    data=self.data.fingerprint, world_size=self.dist.world, **asdict(self.state))
         bad = R.non_finite_tensor({k: obj[k] for k in ('model', 'train_model', 'optimizer')})
         if bad is not None:
