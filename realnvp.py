@@ -967,7 +967,7 @@ def die(prog, error, code=1):
     sys.exit(code)
 
 
-DEFAULT_T_BOUND = 20.0   # the default recipe's --t-bound
+DEFAULT_T_BOUND = 10.0   # the default recipe's --t-bound
 
 
 def add_model_args(parser):

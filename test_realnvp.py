@@ -696,7 +696,7 @@ def test_train_writes_checkpoints_metrics_plot_and_grid(full_run):
     ckpt = load(os.path.join(full_run, 'last.pt'))
     assert ckpt['step'] == 14 and ckpt['epoch'] == 2 and ckpt['skipped'] == 0
     assert ckpt['config'] == dict(in_channels=1, img_size=8, num_scales=2, mid_channels=4, num_blocks=1,
-                                  data_constraint=0.9, flow_norm=True, t_bound=20.0)   # the default recipe's
+                                  data_constraint=0.9, flow_norm=True, t_bound=10.0)   # the default recipe's
     assert ckpt['args']['seed'] == 0 and 'state' in ckpt['optimizer']
     import train
     from types import SimpleNamespace
@@ -860,7 +860,7 @@ def test_resume_takes_the_translation_bound_from_the_checkpoints_model(full_run,
     torch.save(ckpt, run / 'last.pt')
     resume = ['--resume', str(run / 'last.pt')]
     assert train.parse_args(train.build_parser(), resume)[0].t_bound == realnvp.DEFAULT_T_BOUND
-    assert train.parse_args(train.build_parser(), resume + ['--t-bound', '20'])[0].t_bound == 20.0   # the same
+    assert train.parse_args(train.build_parser(), resume + ['--t-bound', '10'])[0].t_bound == 10.0   # the same
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(train.build_parser(), resume + ['--t-bound', '5'])
     assert exit_info.value.code == 2
