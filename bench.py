@@ -151,14 +151,17 @@ def training_step(args, config, device):
     return model, autocast, images, step
 
 
-def measure_flow_norm(args, config, device, train_s):
-    """What the flow's batch norms (--flow-norm) cost: the share of a step that goes when they are left out."""
-    if not config.flow_norm:
-        return {}
-    step = training_step(args, replace(config, flow_norm=False), device)[3]
-    for _ in range(args.warmup + 1):
-        step()
-    return dict(flow_norm_share_of_step=1.0 - timed(step, device, args.steps) / train_s)
+def measure_additions(args, config, device, train_s):
+    """What the flow's batch norms (--flow-norm) and the translation bound (--t-bound) cost: for each that the
+    model has, the share of a step that goes when it alone is left out."""
+    result = {}
+    for name, left_out in (('flow_norm', dict(flow_norm=False)), ('t_bound', dict(t_bound=0.0))):
+        if getattr(config, name):
+            step = training_step(args, replace(config, **left_out), device)[3]
+            for _ in range(args.warmup + 1):
+                step()
+            result[f'{name}_share_of_step'] = 1.0 - timed(step, device, args.steps) / train_s
+    return result
 
 
 def measure_training(args, config, device):
@@ -293,7 +296,7 @@ def benchmark(args):
     if args.flops_only:
         return result
     result.update(measure_training(args, config, device))
-    result.update(measure_flow_norm(args, config, device, result['train_step_s']))
+    result.update(measure_additions(args, config, device, result['train_step_s']))
     result['achieved_gflop_per_s'] = result['gflop_train_step_per_image'] * result['train_images_per_s']
     result.update(measure_ceiling(args, config, device, result['achieved_gflop_per_s']))
     if args.lecture:
@@ -311,6 +314,7 @@ TABLE = [
     ('launches_per_step', 'launches per step', '{:,.0f}'),
     ('launches_kind', 'counted as', '{}'),
     ('flow_norm_share_of_step', 'the flow\'s batch norms (--flow-norm) / training step', '{:.3f}'),
+    ('t_bound_share_of_step', 'the translation bound (--t-bound) / training step', '{:.3f}'),
     ('ema_update_share_of_step', 'weight-average update / training step', '{:.3f}'),
     ('bn_refresh_batch_share_of_step', 'batch-norm refresh, per batch / training step', '{:.3f}'),
     ('sample_images_per_s', 'sampling images/s', '{:.1f}'),

@@ -1522,9 +1522,10 @@ def test_bench_reports_consistent_figures():
     import bench
     r = json.loads(result.stdout)
     params, forward, step = bench.count_flops(RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1,
-                                                            flow_norm=True))   # the default recipe's model
+                                                            flow_norm=True, t_bound=10.0))   # the default's
     assert r['parameters'] == params and r['gflop_train_step_per_image'] == step / 1e9
     assert -1 < r['flow_norm_share_of_step'] < 1   # timed against the same model without the flow's batch norms
+    assert -1 < r['t_bound_share_of_step'] < 1     # and without the bound
     assert abs(r['achieved_gflop_per_s'] - r['gflop_train_step_per_image'] * r['train_images_per_s']) < 1e-6 * r['achieved_gflop_per_s']
     ceiling = max(r['matmul_fp32_gflop_per_s'], r['conv_fp32_gflop_per_s'])
     assert r['ceiling_fp32_gflop_per_s'] == ceiling and r['ceiling_dtype'] == 'fp32'
