@@ -634,6 +634,11 @@ def test_corrupt_idx_file_is_reported(tmp_path):
 # train.py: the pieces, in process
 
 
+def nan_loss(z, sldj):
+    """The loss of a step gone wrong."""
+    return RealNVPLoss()(z, sldj) * float('nan')
+
+
 @pytest.mark.parametrize('fused', [True, False])
 def test_non_finite_step_leaves_weights_and_optimizer_untouched(fused):
     import train
@@ -647,9 +652,6 @@ def test_non_finite_step_leaves_weights_and_optimizer_untouched(fused):
     assert bad.item() == 0 and torch.isfinite(loss)
     weights = {k: v.clone() for k, v in model.state_dict().items()}   # batch-norm statistics included
     moments = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
-
-    def nan_loss(z, sldj):
-        return RealNVPLoss()(z, sldj) * float('nan')
 
     loss, bad = train.train_step(model, update, nan_loss, x, nullcontext())
     assert bad.item() == 1 and torch.isnan(loss)
@@ -1071,9 +1073,6 @@ def test_the_update_asks_no_host_and_compiles_to_the_same_steps(monkeypatch):
     eager = train.Update(realnvp.make_optimizer(eager_model, 1e-3, 5e-5, 'cpu'), 100.0)
     compiled = train.Update(realnvp.make_optimizer(compiled_model, 1e-3, 5e-5, 'cpu'), 100.0, compile=True)
     found_inf = compiled.optimizer.found_inf
-
-    def nan_loss(z, sldj):
-        return RealNVPLoss()(z, sldj) * float('nan')
     g, compiled_after = torch.Generator().manual_seed(0), []
     for i in range(6):
         x = torch.rand(8, 1, 4, 4, generator=g)

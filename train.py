@@ -468,7 +468,8 @@ class Update:
         self.check, self.commit = self._check, self._commit
         if compile:
             mode = 'reduce-overhead' if self.params[0].is_cuda else None
-            self.check, self.commit = (torch.compile(f, mode=mode, dynamic=False) for f in (self._check, self._commit))
+            self.check, self.commit = (torch.compile(f, mode=mode, dynamic=False)
+                                       for f in (self._check, self._commit))
 
     def set_lr(self, lr):
         for group in self.optimizer.param_groups:
@@ -504,7 +505,8 @@ def train_step(model, update, loss_fn, x, autocast):
     loss = loss_fn(z.float(), sldj.float())
     update.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    return loss.detach(), update.apply(loss.detach(), buffers, before)
+    loss = loss.detach()
+    return loss, update.apply(loss, buffers, before)
 
 
 # -----------------------------------------------------------------------------
@@ -776,8 +778,9 @@ class Trainer:
                'cuda': torch.cuda.get_rng_state(self.device) if self.device.type == 'cuda' else None}
         rngs = self.dist.gather(rng)
         obj = dict(config=asdict(self.model.config), model=users.state_dict(), train_model=self.model.state_dict(),
-                   optimizer=self.update.optimizer.state_dict(), args=vars(self.args), rng=rngs, run_id=self.args.run_id,
-                   data=self.data.fingerprint, world_size=self.dist.world, **asdict(self.state))
+                   optimizer=self.update.optimizer.state_dict(), args=vars(self.args), rng=rngs,
+                   run_id=self.args.run_id, data=self.data.fingerprint, world_size=self.dist.world,
+                   **asdict(self.state))
         bad = R.non_finite_tensor({k: obj[k] for k in ('model', 'train_model', 'optimizer')})
         if bad is not None:
             self.non_finite = bad
