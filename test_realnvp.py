@@ -1273,6 +1273,7 @@ def test_recipes_fill_what_no_flag_gives():
 BAD_INPUT = [
     ('sample.py', ['--ckpt', '{best}', '--n', '0'], 2, ['--n', 'positive integer']),
     ('train.py', ['--epochs', '-1'], 2, ['--epochs']),
+    ('train.py', ['--t-bound', '-1'], 2, ['--t-bound', 'zero or a positive number']),
     ('train.py', ['--image-size', '7', '--data-dir', '{data}'], 2, ['image size 7']),
     ('sample.py', ['--ckpt', '{tmp}/missing.pt'], 1, ['not found']),
     ('evaluate.py', ['--ckpt', '{corrupt}', '--data-dir', '{data}'], 1, ['cannot be read']),
