@@ -176,11 +176,14 @@ class ResNet(nn.Module):
         self.out_conv = WNConv2d(mid_channels, out_channels, kernel_size=1, padding=0, bias=True)
 
     def forward(self, x):
-        x = x.contiguous(memory_format=torch.channels_last)  # NHWC: faster convolutions on CPU and GPU
         x = self.in_norm(x)
         if self.double_after_norm:
             x = 2.0 * x
-        x = F.relu(torch.cat((x, -x), dim=1), inplace=True)             # (B, 2C, H, W)
+        # NHWC from here on: faster convolutions and batch norms on CPU and GPU. Made after the cat, not before:
+        # a 1-channel image's strides are NCHW and NHWC at once, torch.cat returns NCHW for it, and every layer
+        # after the first convolution follows its input's layout, backward too (1.17x slower in fp32 on a CPU).
+        x = torch.cat((x, -x), dim=1).contiguous(memory_format=torch.channels_last)  # (B, 2C, H, W)
+        x = F.relu(x, inplace=True)
         x = self.in_conv(x)
         x_skip = self.in_skip(x)
         for block, skip in zip(self.blocks, self.skips):

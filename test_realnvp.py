@@ -19,7 +19,7 @@ import realnvp
 from conftest import (HERE, NOTEBOOK, OFFLINE, TINY, TINY_RUN, assert_one_line_error, assert_same_weights,
                       legacy_model, load, logdet, make_mnist, perturb_and_settle, script, tiny_model)
 from realnvp import (CouplingLayer, DataNotFoundError, ImageDataset, MaskType, RealNVP, RealNVPConfig,
-                     RealNVPLoss, WNConv2d, bits_per_dim, checkerboard_mask, get_param_groups, read_idx,
+                     RealNVPLoss, ResidualBlock, WNConv2d, bits_per_dim, checkerboard_mask, get_param_groups, read_idx,
                      squeeze_2x2)
 
 
@@ -507,6 +507,29 @@ def test_the_translation_bound_bends_t_and_keeps_it_inside():
     assert largest > 2 * bound   # the bound bends t: tanh(2) is 0.96, 4% below the identity
     coupling.t_bound = 0.0
     assert torch.equal(coupling._scale_translate(x_id)[1], raw_t)   # unbounded: the lecture's t
+
+
+@pytest.mark.parametrize('amp', [False, True])
+@pytest.mark.parametrize('channels', [1, 3])
+def test_every_residual_block_runs_channels_last_forward_and_backward(channels, amp):
+    """The s/t nets run NHWC, forward and backward, also for 1-channel images, whose strides are NCHW and NHWC
+    at once (where torch.cat would fall back to NCHW and every layer after it would follow)."""
+    model = RealNVP(in_channels=channels, img_size=8, **TINY)
+    seen = []
+
+    def channels_last(t):
+        return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+    def hook(block, inputs, out):
+        seen.append(('output', channels_last(out)))
+        out.register_hook(lambda grad: seen.append(('gradient', channels_last(grad))))
+    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+    for block in blocks:
+        block.register_forward_hook(hook)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+        RealNVPLoss()(*model(torch.rand(4, channels, 8, 8))).backward()
+    assert len(blocks) == 10 and len(seen) == 20
+    assert all(is_nhwc for _, is_nhwc in seen), seen
 
 
 @pytest.mark.parametrize('flow_norm', [False, True])
