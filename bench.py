@@ -17,6 +17,7 @@ import re
 import resource
 import statistics
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import replace
 from types import SimpleNamespace
@@ -199,17 +200,18 @@ def measure_training(args, config, device):
 
 
 def conv_shapes(config, batch_size):
-    """The distinct convolutions of the model: (input shape, weight shape, padding), found by forward hooks."""
+    """The distinct convolutions of the model, (input shape, weight shape, padding), each with the number of
+    times a forward pass runs it: a Counter, found by forward hooks."""
     model = R.RealNVP(config)
-    shapes = set()
-    hooks = [m.register_forward_hook(lambda mod, args, out: shapes.add(
-        (tuple(args[0].shape), tuple(mod.weight_v.shape), (mod.padding, mod.padding))))
+    shapes = Counter()
+    hooks = [m.register_forward_hook(lambda mod, args, out: shapes.update(
+        [(tuple(args[0].shape), tuple(mod.weight_v.shape), (mod.padding, mod.padding))]))
         for m in model.modules() if isinstance(m, R.WNConv2d)]
     with torch.no_grad():
         model(torch.rand(batch_size, config.in_channels, config.img_size, config.img_size))
     for h in hooks:
         h.remove()
-    return sorted(shapes)
+    return shapes
 
 
 def conv_flops_per_s(shape, device, dtype, repeats=3):
@@ -236,24 +238,31 @@ def conv_step_flops(shape):
     return 3 * 2 * n * c_out * out_h * out_w * c_in * kh * kw
 
 
-def measure_ceiling(args, config, device, achieved):
+def measure_ceiling(args, config, device, train):
     """The peak this device reaches on the training step's own kind of work, per dtype: the best of a large
-    matmul and each of the model's convolution shapes timed alone; and the step's achieved share of it."""
+    matmul and each of the model's convolution shapes timed alone; the step's achieved share of it; and the
+    bound the convolutions set: the images/s of a step that did nothing but its convolutions, each as fast as
+    it runs alone (`train` holds the step's own figures)."""
     result = {}
     dtypes = [('fp32', torch.float32)] + ([('bf16', torch.bfloat16)] if args.amp else [])
     if device.type == 'cuda':   # fp32 matmuls may run on TF32 tensor cores: their peak, for the record
         torch.backends.cuda.matmul.allow_tf32 = True
         result['matmul_tf32_gflop_per_s'] = matmul_flops_per_s(device, torch.float32) / 1e9
         torch.backends.cuda.matmul.allow_tf32 = False
+    shapes = conv_shapes(config, args.batch_size)
     for name, dtype in dtypes:
         matmul = matmul_flops_per_s(device, dtype)
-        conv = max(conv_flops_per_s(shape, device, dtype) for shape in conv_shapes(config, args.batch_size))
+        rates = {shape: conv_flops_per_s(shape, device, dtype) for shape in shapes}
+        conv = max(rates.values())
         result[f'matmul_{name}_gflop_per_s'] = matmul / 1e9
         result[f'conv_{name}_gflop_per_s'] = conv / 1e9
         result[f'ceiling_{name}_gflop_per_s'] = max(matmul, conv) / 1e9
-    step_dtype = dtypes[-1][0]  # the s/t nets run in bf16 under --amp
+        conv_s = sum(count * conv_step_flops(shape) / rates[shape] for shape, count in shapes.items())
+    step_dtype = dtypes[-1][0]  # the s/t nets run in bf16 under --amp; conv_s is theirs
     result['ceiling_dtype'] = step_dtype
-    result['ratio_to_ceiling'] = achieved / result[f'ceiling_{step_dtype}_gflop_per_s']
+    result['ratio_to_ceiling'] = train['achieved_gflop_per_s'] / result[f'ceiling_{step_dtype}_gflop_per_s']
+    result['conv_bound_images_per_s'] = args.batch_size / conv_s
+    result['conv_bound_share_of_step'] = conv_s / train['train_step_s']
     return result
 
 
@@ -279,13 +288,15 @@ def measure_profile(step, device, steps=2):
             ops.table(sort_by=key, row_limit=15))
 
 
-def measure_lecture(args, config, device, train_step_s):
-    """The lecture code's training step on the same config, device and batch size."""
+def measure_lecture(args, config, device, train):
+    """The lecture code's training step on the same config, device and batch size, against this project's step
+    (`train`) and against the bound its convolutions set."""
     lecture_step = lecture_train_step(args.lecture, config, args.batch_size, device)
     for _ in range(args.warmup):
         lecture_step()
-    lecture_s = timed(lecture_step, device, args.steps)
-    return dict(lecture_train_images_per_s=args.batch_size / lecture_s, speedup_over_lecture=lecture_s / train_step_s)
+    lecture = args.batch_size / timed(lecture_step, device, args.steps)
+    return dict(lecture_train_images_per_s=lecture, speedup_over_lecture=train['train_images_per_s'] / lecture,
+                conv_bound_over_lecture=train['conv_bound_images_per_s'] / lecture)
 
 
 def benchmark(args):
@@ -298,9 +309,9 @@ def benchmark(args):
     result.update(measure_training(args, config, device))
     result.update(measure_additions(args, config, device, result['train_step_s']))
     result['achieved_gflop_per_s'] = result['gflop_train_step_per_image'] * result['train_images_per_s']
-    result.update(measure_ceiling(args, config, device, result['achieved_gflop_per_s']))
+    result.update(measure_ceiling(args, config, device, result))
     if args.lecture:
-        result.update(measure_lecture(args, config, device, result['train_step_s']))
+        result.update(measure_lecture(args, config, device, result))
     return result
 
 
@@ -329,8 +340,11 @@ TABLE = [
     ('conv_bf16_gflop_per_s', 'bf16 best model convolution GFLOP/s (fwd+bwd)', '{:.1f}'),
     ('ratio_to_ceiling', 'achieved / ceiling (the best of those, step dtype)', '{:.2f}'),
     ('share_outside_convolutions', 'share of step time outside convolutions', '{:.2f}'),
+    ('conv_bound_images_per_s', 'images/s of the convolutions alone (the bound)', '{:.1f}'),
+    ('conv_bound_share_of_step', 'the convolutions alone / training step', '{:.2f}'),
     ('lecture_train_images_per_s', 'lecture code: training images/s', '{:.1f}'),
     ('speedup_over_lecture', 'speed-up over the lecture code', '{:.2f}x'),
+    ('conv_bound_over_lecture', 'the bound / the lecture code', '{:.2f}x'),
 ]
 
 

@@ -1554,6 +1554,9 @@ def test_bench_reports_consistent_figures():
     assert r['ceiling_fp32_gflop_per_s'] == ceiling and r['ceiling_dtype'] == 'fp32'
     assert abs(r['ratio_to_ceiling'] - r['achieved_gflop_per_s'] / ceiling) < 1e-9
     assert 0 < r['share_outside_convolutions'] < 1
+    # the step if it were its convolutions alone: its images/s and its share of the step agree
+    assert r['conv_bound_images_per_s'] > 0
+    assert abs(r['conv_bound_share_of_step'] - r['train_images_per_s'] / r['conv_bound_images_per_s']) < 1e-9
     assert r['ema_update_share_of_step'] > 0 and r['bn_refresh_batch_share_of_step'] > 0
     assert r['first_step_s'] > 0 and r['launches_per_step'] > 100 and r['launches_kind'] == 'aten operators'
     assert r['train_images_per_s'] > 0 and r['sample_images_per_s'] > 0 and r['eval_images_per_s'] > 0
@@ -1616,6 +1619,8 @@ def test_bench_counts_convolution_flops_as_the_flop_counter_does():
     from torch.utils.flop_counter import FlopCounterMode
     shapes = bench.conv_shapes(RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1), batch_size=3)
     assert {w[2] for _, w, _ in shapes} == {1, 3} and len(shapes) >= 6
+    model = RealNVP(img_size=8, mid_channels=4, num_blocks=1)   # each of its convolutions counted once
+    assert sum(shapes.values()) == sum(isinstance(m, WNConv2d) for m in model.modules())
     for x_shape, w_shape, padding in shapes:
         x = torch.randn(x_shape, requires_grad=True)
         w = torch.randn(w_shape, requires_grad=True)
