@@ -214,7 +214,7 @@ def conv_shapes(config, batch_size):
     return shapes
 
 
-def conv_flops_per_s(shape, device, dtype, repeats=3):
+def conv_flops_per_s(shape, device, dtype, warmup=5, repeats=15):
     """FLOP/s of one convolution shape alone, forward and backward (input and weight gradients), channels-last
     as in the model: the kind of work a training step does, at its own sizes."""
     x_shape, w_shape, padding = shape
@@ -224,9 +224,11 @@ def conv_flops_per_s(shape, device, dtype, repeats=3):
     w.requires_grad_()
     grad = torch.ones_like(torch.nn.functional.conv2d(x, w, padding=padding))
 
-    def step():
+    def step():   # fresh gradients each time, as in a training step (adding into old ones costs as much here)
+        x.grad = w.grad = None
         torch.nn.functional.conv2d(x, w, padding=padding).backward(grad)
-    step()
+    for _ in range(warmup):   # on a CPU the first few calls of a shape run up to 2x slower
+        step()
     return conv_step_flops(shape) / timed(step, device, repeats)
 
 
