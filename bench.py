@@ -252,15 +252,16 @@ def measure_ceiling(args, config, device, train):
         result['matmul_tf32_gflop_per_s'] = matmul_flops_per_s(device, torch.float32) / 1e9
         torch.backends.cuda.matmul.allow_tf32 = False
     shapes = conv_shapes(config, args.batch_size)
+    rates = {}
     for name, dtype in dtypes:
         matmul = matmul_flops_per_s(device, dtype)
-        rates = {shape: conv_flops_per_s(shape, device, dtype) for shape in shapes}
-        conv = max(rates.values())
+        rates[name] = {shape: conv_flops_per_s(shape, device, dtype) for shape in shapes}
+        conv = max(rates[name].values())
         result[f'matmul_{name}_gflop_per_s'] = matmul / 1e9
         result[f'conv_{name}_gflop_per_s'] = conv / 1e9
         result[f'ceiling_{name}_gflop_per_s'] = max(matmul, conv) / 1e9
-        conv_s = sum(count * conv_step_flops(shape) / rates[shape] for shape, count in shapes.items())
-    step_dtype = dtypes[-1][0]  # the s/t nets run in bf16 under --amp; conv_s is theirs
+    step_dtype = dtypes[-1][0]  # the s/t nets run in bf16 under --amp
+    conv_s = sum(count * conv_step_flops(shape) / rates[step_dtype][shape] for shape, count in shapes.items())
     result['ceiling_dtype'] = step_dtype
     result['ratio_to_ceiling'] = train['achieved_gflop_per_s'] / result[f'ceiling_{step_dtype}_gflop_per_s']
     result['conv_bound_images_per_s'] = args.batch_size / conv_s

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import asdict, replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,8 +20,8 @@ import realnvp
 from conftest import (HERE, NOTEBOOK, OFFLINE, TINY, TINY_RUN, assert_one_line_error, assert_same_weights,
                       legacy_model, load, logdet, make_mnist, perturb_and_settle, script, tiny_model)
 from realnvp import (CouplingLayer, DataNotFoundError, ImageDataset, MaskType, RealNVP, RealNVPConfig,
-                     RealNVPLoss, ResidualBlock, WNConv2d, bits_per_dim, checkerboard_mask, get_param_groups, read_idx,
-                     squeeze_2x2)
+                     RealNVPLoss, ResidualBlock, WNConv2d, bits_per_dim, checkerboard_mask, get_param_groups,
+                     read_idx, squeeze_2x2)
 
 
 # -----------------------------------------------------------------------------
@@ -724,7 +725,6 @@ def test_train_writes_checkpoints_metrics_plot_and_grid(full_run):
                                   data_constraint=0.9, flow_norm=True, t_bound=10.0)   # the default recipe's
     assert ckpt['args']['seed'] == 0 and 'state' in ckpt['optimizer']
     import train
-    from types import SimpleNamespace
     last_lr = train.learning_rate(SimpleNamespace(**ckpt['args']), 13, 14)   # step 14 of 14 ran at this lr
     assert 0 < last_lr < 1e-3 and all(g['lr'] == last_lr for g in ckpt['optimizer']['param_groups'])
     rows = open(os.path.join(full_run, 'metrics.csv')).read().strip().splitlines()
@@ -1023,7 +1023,6 @@ def test_a_full_disk_while_saving_leaves_the_old_checkpoint_and_no_temporary(tmp
 
 def test_learning_rate_warms_up_holds_and_decays_to_zero_over_the_last_fraction():
     import train
-    from types import SimpleNamespace
     lr = lambda step, warmup=0, decay=0.2: train.learning_rate(
         SimpleNamespace(lr=1e-3, warmup_steps=warmup, lr_decay=decay), step, 100)
     assert [lr(s) for s in (0, 50, 80)] == [1e-3] * 3           # constant until the last 20 of 100 steps
@@ -1549,7 +1548,8 @@ def test_bench_reports_consistent_figures():
     assert r['parameters'] == params and r['gflop_train_step_per_image'] == step / 1e9
     assert -1 < r['flow_norm_share_of_step'] < 1   # timed against the same model without the flow's batch norms
     assert -1 < r['t_bound_share_of_step'] < 1     # and without the bound
-    assert abs(r['achieved_gflop_per_s'] - r['gflop_train_step_per_image'] * r['train_images_per_s']) < 1e-6 * r['achieved_gflop_per_s']
+    achieved = r['gflop_train_step_per_image'] * r['train_images_per_s']
+    assert abs(r['achieved_gflop_per_s'] - achieved) < 1e-6 * r['achieved_gflop_per_s']
     ceiling = max(r['matmul_fp32_gflop_per_s'], r['conv_fp32_gflop_per_s'])
     assert r['ceiling_fp32_gflop_per_s'] == ceiling and r['ceiling_dtype'] == 'fp32'
     assert abs(r['ratio_to_ceiling'] - r['achieved_gflop_per_s'] / ceiling) < 1e-9
@@ -1612,6 +1612,25 @@ def test_gpu_check_records_failed_stages_and_exits_1(data_dir, tmp_path):
     assert summary['stages']['copy']['exit'] == 0 and summary['stages']['bench_fp32']['exit'] == 2
     assert summary['fp32']['images_per_s'] is None and summary['test_bpd'] is None
     assert 'NOT finished' in result.stdout
+
+
+def test_the_bound_is_the_step_s_convolution_flops_at_their_measured_rates(monkeypatch):
+    """With every convolution shape timed at one rate, the bound is that rate over the training step's FLOPs as
+    torch's flop counter counts them (the model's only counted work is convolutions): each shape counted as
+    often as the model runs it, forward and backward. Under --amp the rates are bf16's."""
+    import bench
+    config = RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1)
+    rate = {torch.float32: 3e9, torch.bfloat16: 5e9}
+    monkeypatch.setattr(bench, 'conv_flops_per_s', lambda shape, device, dtype: rate[dtype])
+    monkeypatch.setattr(bench, 'matmul_flops_per_s', lambda device, dtype: 1e9)
+    step_flops = bench.count_flops(config)[2] * 8   # a batch of 8
+    for amp, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        args = SimpleNamespace(amp=amp, batch_size=8)
+        train = dict(achieved_gflop_per_s=1.0, train_step_s=0.5)
+        r = bench.measure_ceiling(args, config, torch.device('cpu'), train)
+        assert abs(r['conv_bound_images_per_s'] - 8 * rate[dtype] / step_flops) < 1e-9 * r['conv_bound_images_per_s']
+        assert abs(r['conv_bound_share_of_step'] - step_flops / rate[dtype] / 0.5) < 1e-12
+        assert r['ceiling_dtype'] == ('bf16' if amp else 'fp32')
 
 
 def test_bench_counts_convolution_flops_as_the_flop_counter_does():
