@@ -1626,8 +1626,8 @@ def test_the_bound_is_the_step_s_convolution_flops_at_their_measured_rates(monke
     step_flops = bench.count_flops(config)[2] * 8   # a batch of 8
     for amp, dtype in ((False, torch.float32), (True, torch.bfloat16)):
         args = SimpleNamespace(amp=amp, batch_size=8)
-        train = dict(achieved_gflop_per_s=1.0, train_step_s=0.5)
-        r = bench.measure_ceiling(args, config, torch.device('cpu'), train)
+        step = dict(achieved_gflop_per_s=1.0, train_step_s=0.5)   # the training step's own figures
+        r = bench.measure_ceiling(args, config, torch.device('cpu'), step)
         assert abs(r['conv_bound_images_per_s'] - 8 * rate[dtype] / step_flops) < 1e-9 * r['conv_bound_images_per_s']
         assert abs(r['conv_bound_share_of_step'] - step_flops / rate[dtype] / 0.5) < 1e-12
         assert r['ceiling_dtype'] == ('bf16' if amp else 'fp32')
