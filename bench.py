@@ -25,20 +25,22 @@ from types import SimpleNamespace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import realnvp as R
-from train import Update, compile_model, train_step
+import plumbing as P
+from realnvp import (RealNVP, RealNVPLoss, SkipGuard, WeightAverage, WNConv2d, make_optimizer, nll_per_image,
+                     refresh_batch_norm, to_unit, train_step)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     a = p.add_argument
-    R.add_model_args(p)
-    a('--in-channels', type=R.positive_int, default=1, help='image channels (default 1)')
-    a('--batch-size', type=R.positive_int, default=128, help='images per step (default 128)')
-    a('--steps', type=R.positive_int, default=5, help='timed training steps (default 5)')
-    a('--warmup', type=R.non_negative_int, default=2, help='untimed steps first (default 2)')
+    P.add_model_args(p)
+    a('--in-channels', type=P.positive_int, default=1, help='image channels (default 1)')
+    a('--batch-size', type=P.positive_int, default=128, help='images per step (default 128)')
+    a('--steps', type=P.positive_int, default=5, help='timed training steps (default 5)')
+    a('--warmup', type=P.non_negative_int, default=2, help='untimed steps first (default 2)')
     a('--device', default=None, help='cpu, cuda, cuda:N or mps (default: the best there is)')
-    a('--num-threads', type=R.positive_int, default=None, help='CPU threads (set it: the default varies by machine)')
+    a('--num-threads', type=P.positive_int, default=None, help='CPU threads (set it: the default varies by machine)')
     a('--amp', action='store_true', help='bf16 autocast for the s/t nets, as train.py --amp')
     a('--compile', action='store_true', help='torch.compile the model, as train.py --compile')
     a('--flops-only', action='store_true', help='print parameters and FLOPs per image, time nothing')
@@ -57,9 +59,9 @@ def count_flops(config, batch_size=1):
     """(parameters, forward FLOPs per image, training-step FLOPs per image) of a RealNVPConfig.
 
     Counts convolutions and matmuls (torch.utils.flop_counter); element-wise ops and batch norm are not counted."""
-    model = R.RealNVP(config)
+    model = RealNVP(config)
     x = torch.rand(batch_size, config.in_channels, config.img_size, config.img_size)
-    loss_fn = R.RealNVPLoss()
+    loss_fn = RealNVPLoss()
     with FlopCounterMode(display=False) as counter:
         with torch.no_grad():
             loss_fn(*model(x))
@@ -140,15 +142,15 @@ def measure_flops(config):
 def training_step(args, config, device):
     """(model, autocast, images, step): a model of `config` in train mode and a function doing one training step."""
     torch.manual_seed(0)
-    model = R.RealNVP(config).to(device).train()
-    net = compile_model(model, device) if args.compile else model
-    update = Update(R.make_optimizer(model, 1e-3, 5e-5, device), 100.0, compile=args.compile)
+    model = RealNVP(config).to(device).train()
+    net = P.compile_model(model, device) if args.compile else model
+    guard = SkipGuard(make_optimizer(model, 1e-3, 5e-5), 100.0, compile=args.compile)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
     images = torch.randint(0, 256, (args.batch_size, *model.shape), dtype=torch.uint8, device=device)
-    loss_fn = R.RealNVPLoss()
+    loss_fn = RealNVPLoss()
 
     def step():
-        train_step(net, update, loss_fn, images.float() / 255.0, autocast)
+        train_step(net, guard, loss_fn, to_unit(images), autocast)
     return model, autocast, images, step
 
 
@@ -179,14 +181,14 @@ def measure_training(args, config, device):
         step()
     train_s = timed(step, device, args.steps)
     shares, table = measure_profile(step, device)
-    average = R.WeightAverage(model, 0.999)
+    average = WeightAverage(model, 0.999)
     ema_s = timed(lambda: average.update(model, 1000), device, args.steps)
     noise = torch.rand(images.shape, device=device)
     with autocast:   # as train.py refreshes and evaluates
-        refresh_s = timed(lambda: R.refresh_batch_norm(average.model, [(images.float() / 255.0, noise)]), device,
+        refresh_s = timed(lambda: refresh_batch_norm(average.model, [(to_unit(images), noise)]), device,
                           max(2, args.steps // 2))
         sample_s = timed(lambda: model.sample(args.batch_size), device, max(2, args.steps // 2))
-        eval_s = timed(lambda: R.nll_per_image(model, images, batch_size=args.batch_size), device,
+        eval_s = timed(lambda: nll_per_image(model, images, batch_size=args.batch_size), device,
                        max(2, args.steps // 2))
     if device.type == 'cuda':
         peak_mb, kind = torch.cuda.max_memory_allocated(device) / 2 ** 20, 'cuda allocated'
@@ -202,11 +204,11 @@ def measure_training(args, config, device):
 def conv_shapes(config, batch_size):
     """The distinct convolutions of the model, (input shape, weight shape, padding), each with the number of
     times a forward pass runs it: a Counter, found by forward hooks."""
-    model = R.RealNVP(config)
+    model = RealNVP(config)
     shapes = Counter()
     hooks = [m.register_forward_hook(lambda mod, args, out: shapes.update(
         [(tuple(args[0].shape), tuple(mod.weight_v.shape), (mod.padding, mod.padding))]))
-        for m in model.modules() if isinstance(m, R.WNConv2d)]
+        for m in model.modules() if isinstance(m, WNConv2d)]
     with torch.no_grad():
         model(torch.rand(batch_size, config.in_channels, config.img_size, config.img_size))
     for h in hooks:
@@ -303,8 +305,8 @@ def measure_lecture(args, config, device, train):
 
 
 def benchmark(args):
-    device = R.pick_device(args.device)
-    config = R.config_from_args(args)
+    device = P.pick_device(args.device)
+    config = P.config_from_args(args)
     result = dict(config=vars(args) | {'device': str(device), 'threads': torch.get_num_threads()},
                   **measure_flops(config))
     if args.flops_only:

@@ -1,6 +1,6 @@
 """Shared test helpers and fixtures: tiny models, brute-force log-determinants, a tiny MNIST in IDX files,
-the scripts run in subprocesses, and a trained run that several tests read."""
-import copy
+the scripts run in subprocesses (also killed after a chosen file write), and a trained run that several tests
+read."""
 import gzip
 import os
 import subprocess
@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 from torch.autograd.functional import jacobian
-from torch.nn.utils.parametrizations import weight_norm
 
-from realnvp import RealNVP, Rescale, WNConv2d
+from realnvp import RealNVP
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NOTEBOOK = os.path.join(HERE, '..', 'shared', 'seed', '000_3ef8c274db9a0617.txt')
@@ -47,54 +46,12 @@ def perturb_and_settle(model, shape, seed=0, steps=3):
 
 
 def tiny_model(channels, size, scales, seed=0, **arch):
-    """A float64 tiny model, its batch norms settled; `arch`: more RealNVPConfig settings (flow_norm, t_bound)."""
+    """A float64 tiny model, its batch norms settled; `arch`: RealNVPConfig settings (flow_norm, t_bound) other than
+    the lecture's, whose model it is without them."""
     torch.manual_seed(seed)
+    arch = {'flow_norm': False, 't_bound': 0.0, **arch}
     model = RealNVP(in_channels=channels, img_size=size, num_scales=scales, **arch, **TINY).double()
     return perturb_and_settle(model, (channels, size, size), seed)
-
-
-class _LegacyRescale(torch.nn.Module):
-    def __init__(self, weight):
-        super().__init__()
-        self.weight = torch.nn.Parameter(weight.clone())
-
-    def forward(self, x):
-        return self.weight * x
-
-
-class _LegacyWNConv2d(torch.nn.Module):
-    """WNConv2d as it was: an nn.Conv2d under torch's weight-norm parametrization."""
-
-    def __init__(self, new):
-        super().__init__()
-        v = new.weight_v.detach()
-        conv = torch.nn.Conv2d(v.shape[1], v.shape[0], v.shape[2], padding=new.padding, bias=new.bias is not None)
-        self.conv = weight_norm(conv.to(v.dtype))
-        with torch.no_grad():
-            if new.bias is not None:
-                self.conv.bias.copy_(new.bias)
-            self.conv.parametrizations.weight.original0.copy_(new.weight_g)
-            self.conv.parametrizations.weight.original1.copy_(v)
-
-    def forward(self, x):
-        return self.conv(x)
-
-
-def legacy_model(model):
-    """A copy of `model` built as before the weight-norm parameters moved into WNConv2d and Rescale (torch's
-    `parametrizations.weight_norm`, the form of older checkpoints and of the lecture), with the same values."""
-    legacy = copy.deepcopy(model)
-    for name, module in list(legacy.named_modules()):
-        if isinstance(module, (WNConv2d, Rescale)):
-            parent, _, attr = name.rpartition('.')
-            if isinstance(module, WNConv2d):
-                replacement = _LegacyWNConv2d(module)
-            else:
-                replacement = weight_norm(_LegacyRescale(module.weight_v.detach()))
-                with torch.no_grad():
-                    replacement.parametrizations.weight.original0.copy_(module.weight_g)
-            setattr(legacy.get_submodule(parent), attr, replacement)
-    return legacy
 
 
 def logdet(f, x):
@@ -141,6 +98,29 @@ def script(name, *args, timeout=300):
                           text=True, timeout=timeout, env=env, cwd=HERE)
 
 
+# Runs a script (argv[2:]) in a process that SIGKILLs itself right after the N-th file (argv[1]) that the project
+# writes: every file goes through plumbing.write_atomically, which is wrapped here, from the outside.
+KILL_AFTER_WRITES = """
+import os, runpy, signal, sys
+import plumbing
+n, written, write = int(sys.argv[1]), [0], plumbing.write_atomically
+def counted(data, path):
+    write(data, path)
+    written[0] += 1
+    if written[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+plumbing.write_atomically = counted
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def script_killed_after_writes(n, name, *args):
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', **OFFLINE}
+    return subprocess.run([sys.executable, '-c', KILL_AFTER_WRITES, str(n), os.path.join(HERE, name),
+                           *map(str, args)], capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
+
+
 def load(path):
     return torch.load(path, map_location='cpu', weights_only=True)
 
@@ -154,13 +134,23 @@ def assert_one_line_error(result, code, *needles):
 
 
 def assert_same_weights(path_a, path_b):
-    """Two checkpoints at the same step with the same users' model and, where saved, the same trained model."""
+    """Two checkpoints at the same step with the same users' model, trained model and optimizer state."""
     a, b = load(path_a), load(path_b)
-    assert a['step'] == b['step']
+    assert a['state'] == b['state']
     for part in ('model', 'train_model'):
-        assert (part in a) == (part in b), part
-        for key in a.get(part, {}):
+        for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), (part, key)
+    for p, moments in a['optimizer']['state'].items():
+        for key, value in moments.items():
+            assert torch.equal(value, b['optimizer']['state'][p][key]), (p, key)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches emptied before and after the test, even when it fails."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 @pytest.fixture(scope='module')

@@ -17,28 +17,30 @@ import os
 
 import torch
 
-import realnvp as R
+import plumbing as P
+from realnvp import DataNotFoundError, bits_per_dim, nll_per_image
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     a = p.add_argument
     a('--ckpt', default=None, help='checkpoint from train.py (default: the newest run\'s best.pt under --runs-dir)')
     a('--runs-dir', default='runs', help='where to look for the newest run (default runs)')
     a('--split', choices=('test', 'train'), default='test', help='which split (default test)')
-    a('--limit', type=R.positive_int, default=None, help='only the first N images of the split')
-    a('--batch-size', type=R.positive_int, default=512, help='images per forward pass (default 512)')
-    a('--dequant-samples', type=R.positive_int, default=1, metavar='K',
+    a('--limit', type=P.positive_int, default=None, help='only the first N images of the split')
+    a('--batch-size', type=P.positive_int, default=512, help='images per forward pass (default 512)')
+    a('--dequant-samples', type=P.positive_int, default=1, metavar='K',
       help='dequantisation draws per image for the importance-weighted bound (default 1)')
     a('--breakdown', action='store_true',
       help='split the bpd into the prior\'s -log N(z), the flow\'s -log|det|, the logit pre-processing\'s '
            '-log|det| and the 8 bits of the 1/256 dequantisation (one draw: K = 1)')
-    a('--worst', type=R.positive_int, default=None, metavar='N',
+    a('--worst', type=P.positive_int, default=None, metavar='N',
       help='write worst<N>_<split>.png (the N least likely images with their bpd) and bpd_hist_<split>.png')
     a('--per-image', default=None, metavar='CSV', help='write every image\'s index, label and bpd to this CSV file')
     a('--out-dir', default=None, help='folder for --worst\'s PNGs (default: the checkpoint\'s folder)')
     a('--data-dir', default=None, help='data folder (default: the one the run trained on)')
-    a('--seed', type=R.seed, default=0, help='seed for the dequantisation noise (default 0)')
+    a('--seed', type=P.seed, default=0, help='seed for the dequantisation noise (default 0)')
     a('--device', default=None, help='cpu, cuda, cuda:N or mps (default: the best there is)')
     a('--json', action='store_true', help='print one JSON object instead of sentences')
     return p
@@ -46,8 +48,7 @@ def build_parser():
 
 def per_image_bpd(model, images, batch_size=512, dequant_samples=1):
     """Each uint8 image's bpd (N,), float64 on the CPU."""
-    D = images[0].numel()
-    return R.nll_per_image(model, images, batch_size, dequant_samples).double().cpu() / (D * math.log(2))
+    return bits_per_dim(images, nll_per_image(model, images, batch_size, dequant_samples).double().cpu())
 
 
 def standard_error(values):
@@ -56,16 +57,14 @@ def standard_error(values):
 
 def breakdown(model, images, batch_size=512):
     """(per-image bpd, {term: mean bpd}) from one dequantisation draw; the terms add up to the bpd."""
-    D = images[0].numel()
-    terms = {k: v.double().cpu() / (D * math.log(2)) for k, v in R.nll_terms_per_image(model, images, batch_size).items()}
+    terms = {k: bits_per_dim(images, v.double().cpu())
+             for k, v in nll_per_image(model, images, batch_size, terms=True).items()}
     return sum(terms.values()), {k: v.mean().item() for k, v in terms.items()}
 
 
 def write_worst(images, bpd, n, path):
     """A PNG grid of the n images with the largest bpd, each titled with its bpd, worst first."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = P.pyplot()
     order = bpd.argsort(descending=True)[:n]
     cols = min(8, len(order))
     rows = math.ceil(len(order) / cols)
@@ -77,24 +76,19 @@ def write_worst(images, bpd, n, path):
         ax.imshow(image, cmap='gray', vmin=0, vmax=255, interpolation='nearest')
         ax.set_title(f'#{i}: {bpd[i]:.2f}', fontsize=9)
     fig.suptitle(f'the {len(order)} least likely images (index: bpd)', fontsize=10)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    P.save_figure(fig, path)
     return order
 
 
 def write_histogram(bpd, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = P.pyplot().subplots(figsize=(6, 3.5))
     ax.hist(bpd.numpy(), bins=60, log=True)
     ax.axvline(bpd.mean().item(), color='k', linestyle='--', label=f'mean {bpd.mean().item():.3f}')
     ax.set_xlabel('bits per dimension')
     ax.set_ylabel('images (log scale)')
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    P.save_figure(fig, path)
 
 
 def write_per_image(labels, bpd, path):
@@ -109,15 +103,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.breakdown and args.dequant_samples > 1:
         parser.error('--breakdown splits one dequantisation draw; drop --dequant-samples')
+    model, ckpt, ckpt_path = P.open_checkpoint('evaluate.py', args)
     try:
-        device = R.pick_device(args.device)
-        ckpt_path = args.ckpt or R.find_checkpoint(args.runs_dir)
-        model, ckpt = R.load_checkpoint(ckpt_path, device)
-        data = R.checkpoint_dataset(ckpt, train=args.split == 'train', data_dir=args.data_dir)
-    except (ValueError, R.DataNotFoundError) as e:
-        R.die('evaluate.py', e)
+        data = P.checkpoint_dataset(ckpt, train=args.split == 'train', data_dir=args.data_dir)
+    except (ValueError, DataNotFoundError) as e:
+        P.die('evaluate.py', e)
     if data.images.shape[1] != model.config.in_channels:
-        R.die('evaluate.py', f'the data has {data.images.shape[1]} channels, the model {model.config.in_channels}')
+        P.die('evaluate.py', f'the data has {data.images.shape[1]} channels, the model {model.config.in_channels}')
     images, labels = data.images[:args.limit], data.labels[:args.limit]
     torch.manual_seed(args.seed)
     terms = None
@@ -126,8 +118,8 @@ def main(argv=None):
     else:
         bpd = per_image_bpd(model, images, args.batch_size, args.dequant_samples)
     result = dict(bpd=bpd.mean().item(), stderr=standard_error(bpd), worst_bpd=bpd.max().item(), split=args.split,
-                  images=len(images), dequant_samples=args.dequant_samples, ckpt=ckpt_path, epoch=ckpt.get('epoch'),
-                  step=ckpt.get('step'))
+                  images=len(images), dequant_samples=args.dequant_samples, ckpt=ckpt_path, epoch=ckpt.get('state', {}).get('epoch'),
+                  step=ckpt.get('state', {}).get('step'))
     if terms:
         result['breakdown'] = terms
     result.update(write_outputs(args, ckpt_path, images, labels, bpd))

@@ -1,34 +1,31 @@
-"""RealNVP (Dinh, Sohl-Dickstein & Bengio, 2016) in plain PyTorch.
+"""RealNVP (Dinh, Sohl-Dickstein & Bengio, 2016) in plain PyTorch: the lecture, and nothing but the lecture.
 
-Every layer, the model, the loss and the data sets live in this one file, in the
-order of the lecture notebook (Lecture 8: Normalizing Flows):
+Every layer, the model, the loss and the data sets live in this one file, in the order of the lecture
+notebook (Lecture 8: Normalizing Flows):
 
     1. squeeze and masks         squeeze_2x2, MaskType, checkerboard_mask
     2. s/t networks              Rescale, WNConv2d, ResidualBlock, ResNet
     3. coupling                  CouplingLayer, BatchNormFlow
-    4. multi-scale model         RealNVPConfig, _RealNVP, RealNVP
-    5. loss and optimisation     RealNVPLoss, nll_terms, bits_per_dim, get_param_groups, WeightAverage,
-                                 refresh_batch_norm
+    4. multi-scale model         RealNVPConfig, Scale, RealNVP
+    5. loss and optimisation     RealNVPLoss, nll_terms, bits_per_dim, nll_per_image, get_param_groups,
+                                 WeightAverage, refresh_batch_norm, SkipGuard, train_step
     6. data                      ImageDataset (MNIST, CIFAR-10), DataNotFoundError
-    7. shared by the scripts     nll_per_image, save_grid, pick_device, checkpoints
-    8. command-line helpers      argparse types, add_model_args, config_from_args, die
+
+What only the scripts need (checkpoints, run folders, devices, command lines) is in plumbing.py.
 
 Direction convention, everywhere: `reverse=False` maps data -> latent and adds
 log|det J| to `sldj`; `reverse=True` maps latent -> data and leaves `sldj` alone.
 """
-import argparse
 import copy
 import gzip
-import io
 import math
 import os
-import re
-import sys
+import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,39 +33,32 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # 1. Squeeze and masks (paper Section 3.4, Figure 3)
 
+# The alternate order's four positions (0,0), (1,1), (0,1), (1,0), as indices 2*dy + dx, and its inverse.
+_ALT_ORDER = [0, 3, 1, 2]
+_ALT_INVERSE = [0, 2, 3, 1]
+
 
 def squeeze_2x2(x, reverse=False, alt_order=False):
     """Space-to-depth: (B, C, H, W) -> (B, 4C, H/2, W/2); `reverse=True` undoes it.
 
-    Default order: output channel `4c + 2dy + dx` holds x[c, 2i+dy, 2j+dx].
-    Alternate order: output channel `q*C + c` holds x[c, 2i+dy_q, 2j+dx_q] with
-    q = 0..3 the positions (0,0), (1,1), (0,1), (1,0), so the first 2C channels
-    are one checkerboard colour and the last 2C the other (the factor-out split).
-    Both are pure permutations: exact in every dtype.
+    Default order: output channel `4c + 2dy + dx` holds x[c, 2i+dy, 2j+dx], which is torch's `pixel_unshuffle`.
+    Alternate order: output channel `q*C + c` holds x[c, 2i+dy_q, 2j+dx_q] with q = 0..3 the positions
+    (0,0), (1,1), (0,1), (1,0), so the first 2C channels are one checkerboard colour and the last 2C the
+    other (the factor-out split). Both are pure permutations: exact in every dtype.
     """
     B, C, H, W = x.shape
     if reverse:
         if C % 4 != 0:
             raise ValueError(f'unsqueeze needs a channel count divisible by 4, got {C}')
-        if alt_order:
-            x = x.reshape(B, 4, C // 4, H, W)[:, _ALT_INVERSE]        # (B, 4, C/4, H, W) in (dy, dx) order
-            x = x.reshape(B, 2, 2, C // 4, H, W).permute(0, 3, 4, 1, 5, 2)
-        else:
-            x = x.reshape(B, C // 4, 2, 2, H, W).permute(0, 1, 4, 2, 5, 3)
-        return x.reshape(B, C // 4, 2 * H, 2 * W)                    # (B, C/4, 2H, 2W)
+        if alt_order:   # (B, 4, C/4, H, W) in q order -> (B, C/4, 4, H, W) in (dy, dx) order
+            x = x.reshape(B, 4, C // 4, H, W)[:, _ALT_INVERSE].transpose(1, 2).reshape(B, C, H, W)
+        return F.pixel_shuffle(x, 2)                                   # (B, C/4, 2H, 2W)
     if H % 2 != 0 or W % 2 != 0:
         raise ValueError(f'squeeze needs even height and width, got {H}x{W}')
-    x = x.reshape(B, C, H // 2, 2, W // 2, 2)                        # (B, C, H/2, dy, W/2, dx)
-    if alt_order:
-        x = x.permute(0, 3, 5, 1, 2, 4).reshape(B, 4, C, H // 2, W // 2)[:, _ALT_ORDER]
-    else:
-        x = x.permute(0, 1, 3, 5, 2, 4)
-    return x.reshape(B, 4 * C, H // 2, W // 2)                       # (B, 4C, H/2, W/2)
-
-
-# (dy, dx) index 2*dy + dx of the alternate order's four positions, and its inverse.
-_ALT_ORDER = (0, 3, 1, 2)
-_ALT_INVERSE = (0, 2, 3, 1)
+    x = F.pixel_unshuffle(x, 2)                                        # (B, 4C, H/2, W/2)
+    if alt_order:   # (B, C, 4, H/2, W/2) in (dy, dx) order -> (B, 4, C, H/2, W/2) in q order
+        x = x.reshape(B, C, 4, H // 2, W // 2)[:, :, _ALT_ORDER].transpose(1, 2).reshape(B, 4 * C, H // 2, W // 2)
+    return x
 
 
 class MaskType(IntEnum):
@@ -89,8 +79,9 @@ def checkerboard_mask(height, width, reverse=False, dtype=torch.float32, device=
 
 
 def _weight_norm(g, v):
-    """g * v / ||v||, the norm over every dim but the first (one per output channel): torch's fused kernel,
-    the one `torch.nn.utils.parametrizations.weight_norm` calls, so the numbers are the same as with it."""
+    """g * v / ||v||, the norm over every dim but the first (one per output channel). `torch._weight_norm` is
+    private, but it is the fused kernel that torch's public `parametrizations.weight_norm` runs: one launch
+    instead of four, and the same numbers as the lecture's parametrized layers."""
     return torch._weight_norm(v, g, 0)
 
 
@@ -109,9 +100,9 @@ class Rescale(nn.Module):
 class WNConv2d(nn.Module):
     """Weight-normalised convolution, W = g * V / ||V|| per output channel (Salimans & Kingma 2016).
 
-    W is computed in `forward` from plain parameters (bias, weight_g, weight_v, in the order and with the
-    values that `parametrizations.weight_norm` had; older checkpoints load through `upgrade_state_dict`):
-    one class for all convolutions, so torch.compile traces one graph for them, not one per convolution."""
+    W is computed in `forward` from plain parameters (bias, weight_g, weight_v, initialised as
+    `parametrizations.weight_norm` initialises them): one class for all convolutions, so torch.compile
+    traces one graph for them, not one per parametrized convolution."""
 
     def __init__(self, in_channels, out_channels, kernel_size, padding, bias=True):
         super().__init__()
@@ -123,23 +114,6 @@ class WNConv2d(nn.Module):
 
     def forward(self, x):
         return F.conv2d(x, _weight_norm(self.weight_g, self.weight_v), self.bias, padding=self.padding)
-
-
-# The names torch.nn.utils.parametrizations.weight_norm gave these parameters, in checkpoints written before
-# WNConv2d and Rescale held them directly.
-_OLD_NAMES = [(re.compile(r'(\.conv)?\.parametrizations\.weight\.original0$'), '.weight_g'),
-              (re.compile(r'(\.conv)?\.parametrizations\.weight\.original1$'), '.weight_v'),
-              (re.compile(r'\.conv\.bias$'), '.bias')]
-
-
-def upgrade_state_dict(state):
-    """A model state dict with the parameter names of this version (older checkpoints' are renamed)."""
-    renamed = {}
-    for key, value in state.items():
-        for pattern, new in _OLD_NAMES:
-            key = pattern.sub(new, key)
-        renamed[key] = value
-    return renamed
 
 
 class ResidualBlock(nn.Module):
@@ -263,26 +237,36 @@ class CouplingLayer(nn.Module):
         return x, sldj
 
 
-class BatchNormFlow(nn.BatchNorm2d):
+class BatchNormFlow(nn.Module):
     """Batch normalisation as a layer of the flow (paper Section 3.7), per channel c:
 
         y = (x - mu_c) / sqrt(var_c + eps) * exp(log_gamma_c) + beta_c,
         log|det dy/dx| = H W sum_c (log_gamma_c - log(var_c + eps) / 2).
 
     Train mode uses the batch's statistics (biased variance, and the log-det of the batch's map, as the
-    paper does) and moves the running ones; eval mode and the reverse use the running ones, so there it is an
-    exact bijection with an exact log-det. `refresh_batch_norm` recomputes them like any batch norm's."""
+    paper does) and moves the running ones as nn.BatchNorm2d moves its own (unbiased variance, `momentum`;
+    with `momentum=None` a cumulative average, as `refresh_batch_norm` uses). Eval mode and the reverse use
+    the running ones, so there it is an exact bijection with an exact log-det."""
 
-    def __init__(self, num_features):
-        super().__init__(num_features, affine=False, momentum=0.05)
+    def __init__(self, num_features, momentum=0.05, eps=1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
         self.log_gamma = nn.Parameter(torch.zeros(num_features))
         self.beta = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer('running_mean', torch.zeros(num_features))
+        self.register_buffer('running_var', torch.ones(num_features))
+        self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long))
+
+    def reset_running_stats(self):
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
 
     def _statistics(self, x):
         if not self.training:
             return self.running_mean, self.running_var
         var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
-        with torch.no_grad():   # running statistics as nn.BatchNorm2d keeps them (unbiased variance)
+        with torch.no_grad():
             n = x.numel() // x.shape[1]
             self.num_batches_tracked.add_(1)
             weight = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked
@@ -308,15 +292,23 @@ class BatchNormFlow(nn.BatchNorm2d):
 class RealNVPConfig:
     """The architecture: everything needed to rebuild a model, as plain types (it travels in checkpoints).
 
-    Validates itself when built: a size the squeezes cannot take is a one-line ValueError."""
+    `RealNVPConfig()` is the model `python train.py` trains: the lecture's architecture with the paper's batch
+    normalisation after every coupling and bounded translations. `RealNVPConfig.lecture()` is the lecture
+    notebook's model exactly. Validates itself when built: a size the squeezes cannot take is a one-line
+    ValueError."""
     in_channels: int = 1
     img_size: int = 14
     num_scales: int = 2
     mid_channels: int = 64
     num_blocks: int = 8
     data_constraint: float = 0.9
-    flow_norm: bool = False   # batch normalisation after each coupling (paper Section 3.7); the lecture has none
-    t_bound: float = 0.0      # couplings' translations bounded to (-t_bound, t_bound) by a tanh; 0: unbounded (lecture)
+    flow_norm: bool = True    # batch normalisation after each coupling (paper Section 3.7); the lecture has none
+    t_bound: float = 10.0     # couplings' translations bounded to (-t_bound, t_bound) by a tanh; 0: unbounded
+
+    @classmethod
+    def lecture(cls, **settings):
+        """The lecture notebook's model: no flow batch norm, unbounded translations."""
+        return cls(**{'flow_norm': False, 't_bound': 0.0, **settings})
 
     def __post_init__(self):
         for name in ('in_channels', 'img_size', 'num_scales', 'mid_channels', 'num_blocks'):
@@ -328,7 +320,7 @@ class RealNVPConfig:
         if (not isinstance(self.t_bound, (int, float)) or isinstance(self.t_bound, bool)
                 or not 0.0 <= self.t_bound < math.inf):
             raise ValueError(f't_bound must be a finite number >= 0 (0: unbounded), got {self.t_bound!r}')
-        if not 0.0 < self.data_constraint < 1.0:
+        if not isinstance(self.data_constraint, float) or not 0.0 < self.data_constraint < 1.0:
             raise ValueError(f'data_constraint must lie in (0, 1), got {self.data_constraint!r}')
         factor = 2 ** (self.num_scales - 1)
         if self.img_size % factor != 0 or self.img_size // factor < 2:
@@ -348,30 +340,31 @@ class RealNVPConfig:
         return 4 * batch_size * (6 * self.num_blocks + 8) * per_image
 
 
-class _RealNVP(nn.Module):
-    """One scale: 3 checkerboard couplings, squeeze, 3 channel-wise couplings, unsqueeze, then factor
-    out half the variables (alternate-order squeeze) and recurse; the last scale has 4 checkerboard couplings."""
+class Scale(nn.Module):
+    """One scale: 3 checkerboard couplings, squeeze, 3 channel-wise couplings, unsqueeze, then factor out half
+    the variables (alternate-order squeeze) and recurse into the next scale; the last scale has 4 checkerboard
+    couplings. (The lecture calls this class `_RealNVP`.)"""
 
     def __init__(self, scale_idx, num_scales, in_channels, mid_channels, num_blocks, **coupling):
         """`coupling`: the settings every coupling layer gets (flow_norm, t_bound)."""
         super().__init__()
-        self.is_last_block = scale_idx == num_scales - 1
-        n_checker = 4 if self.is_last_block else 3
+        self.is_last = scale_idx == num_scales - 1
+        n_checker = 4 if self.is_last else 3
         self.in_couplings = nn.ModuleList([
             CouplingLayer(in_channels, mid_channels, num_blocks, MaskType.CHECKERBOARD, reverse_mask=i % 2 == 1,
                           **coupling)
             for i in range(n_checker)])
-        if not self.is_last_block:
+        if not self.is_last:
             self.out_couplings = nn.ModuleList([
                 CouplingLayer(4 * in_channels, 2 * mid_channels, num_blocks, MaskType.CHANNEL_WISE,
                               reverse_mask=i % 2 == 1, **coupling)
                 for i in range(3)])
-            self.next_block = _RealNVP(scale_idx + 1, num_scales, 2 * in_channels, 2 * mid_channels, num_blocks,
-                                       **coupling)
+            self.next_scale = Scale(scale_idx + 1, num_scales, 2 * in_channels, 2 * mid_channels, num_blocks,
+                                    **coupling)
 
     def forward(self, x, sldj, reverse=False):
         if reverse:
-            if not self.is_last_block:
+            if not self.is_last:
                 x, sldj = self._factor_out(x, sldj, reverse=True)
                 x, sldj = self._channel_couplings(x, sldj, reverse=True)
             for coupling in reversed(self.in_couplings):
@@ -379,7 +372,7 @@ class _RealNVP(nn.Module):
         else:
             for coupling in self.in_couplings:
                 x, sldj = coupling(x, sldj)
-            if not self.is_last_block:
+            if not self.is_last:
                 x, sldj = self._channel_couplings(x, sldj)
                 x, sldj = self._factor_out(x, sldj)
         return x, sldj
@@ -393,7 +386,7 @@ class _RealNVP(nn.Module):
     def _factor_out(self, x, sldj, reverse=False):
         x = squeeze_2x2(x, alt_order=True)                              # (B, 4C, H/2, W/2)
         x, x_split = x.chunk(2, dim=1)                                  # go on with 2C channels, keep 2C as they are
-        x, sldj = self.next_block(x, sldj, reverse)
+        x, sldj = self.next_scale(x, sldj, reverse)
         return squeeze_2x2(torch.cat((x, x_split), dim=1), reverse=True, alt_order=True), sldj  # (B, C, H, W)
 
 
@@ -405,24 +398,20 @@ class RealNVP(nn.Module):
     """
 
     def __init__(self, config=None, **kwargs):
-        """`RealNVP(RealNVPConfig(...))`, or the same settings as keywords: `RealNVP(in_channels=1, img_size=14)`."""
+        """`RealNVP()` (the default model), `RealNVP(RealNVPConfig.lecture())`, or settings as keywords:
+        `RealNVP(in_channels=3, img_size=32)`."""
         super().__init__()
         if config is not None and kwargs:
             raise TypeError('pass a RealNVPConfig or keyword settings, not both')
         self.config = RealNVPConfig(**kwargs) if config is None else config
         c = self.config
-        self.flows = _RealNVP(0, c.num_scales, c.in_channels, c.mid_channels, c.num_blocks,
-                              flow_norm=c.flow_norm, t_bound=c.t_bound)
+        self.flows = Scale(0, c.num_scales, c.in_channels, c.mid_channels, c.num_blocks,
+                           flow_norm=c.flow_norm, t_bound=c.t_bound)
         self.to(memory_format=torch.channels_last)  # convolution weights in NHWC, like their inputs
 
     @property
     def shape(self):
         return (self.config.in_channels, self.config.img_size, self.config.img_size)
-
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        """As nn.Module's, also for state dicts of checkpoints written before the weight-norm parameters
-        were renamed (`upgrade_state_dict`)."""
-        return super().load_state_dict(upgrade_state_dict(state_dict), strict=strict, assign=assign)
 
     def forward(self, x, reverse=False, noise=None, validate=True):
         """data -> (z, sldj) with x in [0, 1]; or, with `reverse=True`, latent -> (logits, None).
@@ -473,8 +462,24 @@ class RealNVP(nn.Module):
         return self.decode(temperature * z)
 
 
+@contextmanager
+def in_mode(model, training):
+    """Run a block with `model` in train (`training=True`) or eval mode, then put back the mode it had."""
+    was_training = model.training
+    model.train(training)
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 # -----------------------------------------------------------------------------
-# 5. Loss, metrics and the optimizer's parameter groups (paper Section 3.1, Eq. 3)
+# 5. Loss, metrics and optimisation (paper Section 3.1, Eq. 3)
+
+
+def gaussian_nll(z):
+    """-log N(z; 0, I) of each image of a batch (B, ...) -> (B,)."""
+    return 0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(1).sum(-1)
 
 
 class RealNVPLoss(nn.Module):
@@ -489,8 +494,7 @@ class RealNVPLoss(nn.Module):
 
     def forward(self, z, sldj):
         D = z[0].numel()
-        prior_ll = -0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(1).sum(-1)
-        nll = -(prior_ll + sldj - D * math.log(self.k))
+        nll = gaussian_nll(z) - sldj + D * math.log(self.k)
         return nll.mean() if self.reduction == 'mean' else nll
 
 
@@ -505,15 +509,43 @@ def nll_terms(model, x, noise=None):
     Their sum is RealNVPLoss(reduction='none') of model(x, noise=noise)."""
     y, ldj_logit = model.preprocess(x, noise)
     z, ldj_flow = model.flows(y, torch.zeros_like(ldj_logit))
-    prior = 0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(1).sum(-1)
+    prior = gaussian_nll(z)
     return dict(prior=prior, flow=-ldj_flow, logit=-ldj_logit,
                 dequantisation=torch.full_like(prior, x[0].numel() * math.log(256)))
 
 
 def bits_per_dim(x, nll):
-    """bpd = nll / (D ln 2), D = C*H*W of `x` (a batch or a shape's worth of tensor)."""
+    """bpd = nll / (D ln 2), D = C*H*W of `x` (a batch, or one image's worth of tensor)."""
     D = x[0].numel()
     return nll / (D * math.log(2))
+
+
+def to_unit(images):
+    """uint8 images -> float32 in [0, 1]."""
+    return images.float() / 255.0
+
+
+@torch.no_grad()
+def nll_per_image(model, images, batch_size=512, dequant_samples=1, terms=False):
+    """NLL in nats of each uint8 image (N, C, H, W), in eval mode (the model's mode is restored); with
+    `terms=True`, the `nll_terms` of each image instead, {term: (N,)}, from one dequantisation draw.
+
+    With K = `dequant_samples` > 1 it is the importance-weighted bound -log mean_k p(x + u_k)
+    (logsumexp over K dequantisation draws), which is no looser than K = 1."""
+    device = next(model.parameters()).device
+    loss_fn = RealNVPLoss(reduction='none')
+    parts = []
+    with in_mode(model, False):
+        for batch in images.split(batch_size):
+            x = to_unit(batch.to(device))                                # (b, C, H, W) in [0, 1]
+            if terms:
+                parts.append(nll_terms(model, x))
+                continue
+            draws = torch.stack([loss_fn(*model(x, validate=False)) for _ in range(dequant_samples)])  # (K, b)
+            parts.append(-(torch.logsumexp(-draws, dim=0) - math.log(dequant_samples)))
+    if terms:
+        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    return torch.cat(parts)
 
 
 def get_param_groups(model, weight_decay):
@@ -527,9 +559,10 @@ def get_param_groups(model, weight_decay):
             {'name': 'others', 'params': others, 'weight_decay': 0.0}]
 
 
-def make_optimizer(model, lr, weight_decay, device):
+def make_optimizer(model, lr, weight_decay):
     """Adam over `get_param_groups`, fused where PyTorch has a fused kernel (CUDA, CPU)."""
-    return torch.optim.Adam(get_param_groups(model, weight_decay), lr=lr, fused=torch.device(device).type in ('cuda', 'cpu'))
+    device = next(model.parameters()).device
+    return torch.optim.Adam(get_param_groups(model, weight_decay), lr=lr, fused=device.type in ('cuda', 'cpu'))
 
 
 class WeightAverage:
@@ -539,7 +572,12 @@ class WeightAverage:
         a <- d_t a + (1 - d_t) w,   d_t = min(decay, (1 + t) / (10 + t)),
     so early on it averages over the few steps there are, later over about 1 / (1 - decay) steps.
     With decay 0 it is the trained weights. Its batch-norm statistics are not averaged: set them
-    with `refresh_batch_norm` (or copy the trained model's) before using it."""
+    with `refresh_batch_norm` (or copy the trained model's) before using it.
+
+    Not `torch.optim.swa_utils.AveragedModel`: its update asks the host whether it has averaged before (a sync
+    every step on a GPU), copies every buffer every step, and makes its first average the weights of that step,
+    not of the start. `torch._foreach_lerp_` (private) is the one-launch form of `torch.lerp` over all
+    parameters that torch's own optimizers use."""
 
     def __init__(self, model, decay):
         if not 0.0 <= decay < 1.0:
@@ -555,14 +593,19 @@ class WeightAverage:
 
 
 def batch_norms(model):
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    """Every layer of `model` that keeps running statistics: the s/t nets' batch norms and the flow's."""
+    return [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, BatchNormFlow))]
 
 
 @torch.no_grad()
 def refresh_batch_norm(model, batches):
     """Recompute every batch-norm running statistic of `model` for its current weights: the plain average
     of the batch statistics over `batches` ((x in [0, 1], noise u) pairs), in train mode without gradients.
-    Eval mode then uses statistics of these weights, not an exponential average over weights long gone."""
+    Eval mode then uses statistics of these weights, not an exponential average over weights long gone.
+
+    Not `torch.optim.swa_utils.update_bn`: it calls `model(input)` without the dequantisation noise, which must
+    come from the caller's generator (so that the training random numbers are not touched), and it knows only
+    torch's own batch norms, not the flow's."""
     norms = batch_norms(model)
     momenta = [m.momentum for m in norms]
     for m in norms:
@@ -577,11 +620,72 @@ def refresh_batch_norm(model, batches):
             m.momentum = momentum
 
 
-# -----------------------------------------------------------------------------
-# 6. Data: MNIST (IDX files in torchvision's layout) and CIFAR-10, as uint8 tensors in memory
+class SkipGuard:
+    """What a training step does after its backward pass: clip the gradient norm, decide whether the step is bad
+    (a non-finite loss or gradient, on any process: `reduce_max` takes the maximum over processes), put the
+    batch-norm buffers back if it is, and step the optimizer unless it is.
 
-MNIST_FILES = {True: ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
-               False: ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
+    A fused Adam (CUDA, CPU) reads the decision from `found_inf`, one device buffer kept for the whole run, and
+    leaves weights and moments untouched when it is 1, so nothing here asks the host; any other optimizer asks
+    it whether to step. `compile=True` compiles the two halves around the processes' agreement (clip and
+    decide; put back and hand over the decision), with CUDA graphs on CUDA. The optimizer step itself stays
+    outside: torch does not trace into fused optimizers (it is one multi-tensor launch per parameter group)."""
+
+    def __init__(self, optimizer, max_grad_norm, reduce_max=lambda t: t, compile=False):
+        self.optimizer, self.max_grad_norm, self.reduce_max = optimizer, max_grad_norm, reduce_max
+        self.params = [p for g in optimizer.param_groups for p in g['params']]
+        self.fused = bool(optimizer.defaults.get('fused'))
+        if self.fused:   # read by the fused kernel itself: the one documented way to skip without a sync
+            optimizer.found_inf = torch.zeros((), device=self.params[0].device)
+        self.check, self.commit = self._check, self._commit
+        if compile:
+            mode = 'reduce-overhead' if self.params[0].is_cuda else None
+            self.check, self.commit = (torch.compile(f, mode=mode, dynamic=False)
+                                       for f in (self._check, self._commit))
+
+    def set_lr(self, lr):
+        for group in self.optimizer.param_groups:
+            group['lr'] = lr
+
+    def step(self, loss, buffers, before):
+        """Returns bad: 1.0 when the step was skipped, as a 0-dim device tensor."""
+        bad = self.reduce_max(self.check(loss))
+        self.commit(bad, buffers, before)
+        if self.fused or not bad.item():
+            self.optimizer.step()
+        return bad
+
+    def _check(self, loss):
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        return (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+
+    def _commit(self, bad, buffers, before):
+        for buffer, old in zip(buffers, before):
+            buffer.copy_(torch.where(bad > 0, old, buffer))
+        if self.fused:
+            self.optimizer.found_inf.copy_(bad)
+
+
+def train_step(model, guard, loss_fn, x, autocast):
+    """One optimizer step: a non-finite loss or gradient skips the update (a `SkipGuard`) and leaves every piece
+    of state (weights, optimizer moments, batch-norm statistics) as it was. Returns (loss, bad) as 0-dim device
+    tensors."""
+    buffers = list(model.buffers())
+    before = [b.clone() for b in buffers]
+    with autocast:
+        z, sldj = model(x, validate=False)
+    loss = loss_fn(z.float(), sldj.float())
+    guard.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    loss = loss.detach()
+    return loss, guard.step(loss, buffers, before)
+
+
+# -----------------------------------------------------------------------------
+# 6. Data: MNIST and CIFAR-10 through torchvision, held in memory as uint8 tensors
+
+MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
+               't10k-labels-idx1-ubyte')
 DATASET_CHANNELS = {'mnist': 1, 'cifar10': 3}
 DATASETS = tuple(DATASET_CHANNELS)
 
@@ -590,82 +694,83 @@ class DataNotFoundError(FileNotFoundError):
     """The data set is not on disk and could not be downloaded; the message says what is needed where."""
 
 
-def read_idx(path):
-    """Read an IDX file (or its .gz) into a numpy array: magic 0,0,dtype,ndim then big-endian int32 sizes."""
-    opener = gzip.open if path.endswith('.gz') else open
-    try:
-        with opener(path, 'rb') as f:
-            data = f.read()
-    except (OSError, EOFError) as e:   # a corrupt or truncated .gz
-        raise ValueError(f'{path} cannot be read: {_one_line(e)}') from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f'{path} is not an unsigned-byte IDX file')
-    ndim = data[3]
-    if len(data) < 4 + 4 * ndim:
-        raise ValueError(f'{path} is truncated: its header is cut short')
-    dims = np.frombuffer(data, dtype='>i4', count=ndim, offset=4).astype(np.int64)
-    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if array.size != int(np.prod(dims)):
-        raise ValueError(f'{path} is truncated: expected {int(np.prod(dims))} values, found {array.size}')
-    return array.reshape(tuple(dims)).copy()  # writable, independent of the file buffer
-
-
-def _one_line(error, index=-1):
+def one_line(error, index=-1):
     """One line of an exception's message (the last by default), for one-line error reports."""
     text = str(error).strip()
     return text.splitlines()[index] if text else type(error).__name__
 
 
-def _find(raw_dir, name):
-    for candidate in (name, name + '.gz'):
-        path = os.path.join(raw_dir, candidate)
-        if os.path.isfile(path):
-            return path
-    return None
+def _read_mnist(root, train):
+    """torchvision's MNIST from root/MNIST/raw/ as (images, labels); a file it cannot parse is a ValueError."""
+    import torchvision
+    try:
+        ds = torchvision.datasets.MNIST(root, train=train, download=False)
+    except (AssertionError, RuntimeError, ValueError, KeyError, IndexError) as e:   # its parser asserts
+        raise ValueError(f'the MNIST files in {os.path.join(root, "MNIST", "raw")} cannot be read '
+                         f'({one_line(e) if str(e) else "not IDX files of the right size"})') from None
+    return ds.data, ds.targets
 
 
 def load_mnist(data_dir, train=True, download=True):
-    """(images uint8 (N, 1, 28, 28), labels int64 (N,)) from DIR/MNIST/raw/, downloading only if missing."""
+    """(images uint8 (N, 1, 28, 28), labels int64 (N,)) from DIR/MNIST/raw/, as plain IDX files or their .gz;
+    downloaded (by torchvision) only when neither is there."""
     raw_dir = os.path.join(data_dir, 'MNIST', 'raw')
-    names = MNIST_FILES[train]
-    paths = [_find(raw_dir, n) for n in names]
-    if None in paths and download:
-        made = [d for d in (data_dir, os.path.join(data_dir, 'MNIST'), raw_dir) if not os.path.exists(d)]
-        try:
-            import torchvision
-            torchvision.datasets.MNIST(data_dir, train=train, download=True)
-        except Exception as e:  # offline, or a mirror failed: say what is needed instead of the traceback
-            for folder in reversed(made):   # leave no empty folders behind
-                if os.path.isdir(folder) and not os.listdir(folder):
-                    os.rmdir(folder)
-            raise DataNotFoundError(
-                f'MNIST not found: need {" and ".join(names)} in {raw_dir}/ (point --data-dir at the folder '
-                f'holding MNIST/raw/); downloading failed: {_one_line(e)}') from None
-        paths = [_find(raw_dir, n) for n in names]
-    if None in paths:
-        raise DataNotFoundError(f'MNIST not found: need {" and ".join(names)} in {raw_dir}/ '
-                                f'(point --data-dir at the folder holding MNIST/raw/)')
-    images, labels = read_idx(paths[0]), read_idx(paths[1])
-    if images.ndim != 3 or labels.ndim != 1 or labels.shape != images.shape[:1]:
-        raise ValueError(f'{paths[0]} (shape {images.shape}) and {paths[1]} (shape {labels.shape}) do not form an '
-                         f'image/label pair')
-    return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+    plain = all(os.path.isfile(os.path.join(raw_dir, n)) for n in MNIST_FILES)
+    gz = all(os.path.isfile(os.path.join(raw_dir, n + '.gz')) for n in MNIST_FILES)
+    if plain:
+        images, labels = _read_mnist(data_dir, train)
+    elif gz:   # decompressed into a temporary folder: the data folder may be read-only
+        with tempfile.TemporaryDirectory() as tmp:
+            os.makedirs(os.path.join(tmp, 'MNIST', 'raw'))
+            for name in MNIST_FILES:
+                path = os.path.join(raw_dir, name + '.gz')
+                try:
+                    with gzip.open(path, 'rb') as src, open(os.path.join(tmp, 'MNIST', 'raw', name), 'wb') as dst:
+                        shutil.copyfileobj(src, dst)
+                except (OSError, EOFError) as e:   # a corrupt or truncated download
+                    raise ValueError(f'{path} cannot be read: {one_line(e)}') from None
+            images, labels = _read_mnist(tmp, train)
+    elif download:
+        images, labels = _download_mnist(data_dir, train)
+    else:
+        raise DataNotFoundError(_missing_mnist(raw_dir))
+    return images.unsqueeze(1), labels
+
+
+def _missing_mnist(raw_dir):
+    return (f'MNIST not found: need {", ".join(MNIST_FILES)} (or their .gz) in {raw_dir}/ (point --data-dir at '
+            f'the folder holding MNIST/raw/)')
+
+
+def _download_mnist(data_dir, train):
+    made = [d for d in (data_dir, os.path.join(data_dir, 'MNIST'), os.path.join(data_dir, 'MNIST', 'raw'))
+            if not os.path.exists(d)]
+    import torchvision
+    try:
+        ds = torchvision.datasets.MNIST(data_dir, train=train, download=True)
+    except Exception as e:  # offline, or a mirror failed: say what is needed instead of the traceback
+        for folder in reversed(made):   # leave no empty folders behind
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+        raise DataNotFoundError(f'{_missing_mnist(os.path.join(data_dir, "MNIST", "raw"))}; downloading failed: '
+                                f'{one_line(e)}') from None
+    return ds.data, ds.targets
 
 
 def load_cifar10(data_dir, train=True, download=True):
     """(images uint8 (N, 3, 32, 32), labels int64 (N,)) via torchvision from DIR/cifar-10-batches-py/."""
     import torchvision
+    missing = (f'CIFAR-10 not found in {data_dir}/cifar-10-batches-py/ (point --data-dir at the folder '
+               f'holding it)')
     try:
         ds = torchvision.datasets.CIFAR10(data_dir, train=train, download=False)
     except RuntimeError:
         if not download:
-            raise DataNotFoundError(f'CIFAR-10 not found in {data_dir}/cifar-10-batches-py/ (point --data-dir '
-                                    f'at the folder holding it)') from None
+            raise DataNotFoundError(missing) from None
         try:
             ds = torchvision.datasets.CIFAR10(data_dir, train=train, download=True)
         except Exception as e:
-            raise DataNotFoundError(f'CIFAR-10 not found in {data_dir}/cifar-10-batches-py/ (point --data-dir '
-                                    f'at the folder holding it); downloading failed: {_one_line(e)}') from None
+            raise DataNotFoundError(f'{missing}; downloading failed: {one_line(e)}') from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
     return images, torch.tensor(ds.targets, dtype=torch.int64)
 
@@ -686,9 +791,7 @@ class ImageDataset(torch.utils.data.Dataset):
             if not keep.any():
                 raise ValueError(f'no {name} images with labels {sorted(set(digits))}')
             images, labels = images[keep], labels[keep]
-        if images.shape[-1] != img_size or images.shape[-2] != img_size:
-            check_memory(images.shape[0] * images.shape[1] * img_size ** 2 * 5,  # uint8 out, float32 on the way
-                         f'resizing {images.shape[0]} images to {img_size}x{img_size}', 'a smaller --image-size')
+        if len(images) and (images.shape[-1] != img_size or images.shape[-2] != img_size):
             import torchvision.transforms.functional as TF
             images = TF.resize(images, [img_size, img_size], antialias=True)  # uint8 in, uint8 out
         self.images = images.contiguous()
@@ -698,302 +801,4 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return self.images[i].float() / 255.0, self.labels[i]
-
-
-# -----------------------------------------------------------------------------
-# 7. Evaluation, devices and checkpoints (shared by train.py, sample.py, evaluate.py)
-
-
-@contextmanager
-def in_mode(model, training):
-    """Run a block with `model` in train (`training=True`) or eval mode, then put back the mode it had."""
-    was_training = model.training
-    model.train(training)
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
-def nll_per_image(model, images, batch_size=512, dequant_samples=1):
-    """NLL in nats of each uint8 image (N, C, H, W), in eval mode; the model's mode is restored.
-
-    With K = `dequant_samples` > 1 it is the importance-weighted bound -log mean_k p(x + u_k)
-    (logsumexp over K dequantisation draws), which is no looser than K = 1."""
-    device = next(model.parameters()).device
-    loss_fn = RealNVPLoss(reduction='none')
-    out = []
-    with in_mode(model, False):
-        for batch in images.split(batch_size):
-            x = batch.to(device).float() / 255.0                     # (b, C, H, W) in [0, 1]
-            draws = torch.stack([loss_fn(*model(x, validate=False)) for _ in range(dequant_samples)])  # (K, b)
-            out.append(-(torch.logsumexp(-draws, dim=0) - math.log(dequant_samples)))
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def nll_terms_per_image(model, images, batch_size=512):
-    """`nll_terms` of each uint8 image (N, C, H, W), one dequantisation draw, in eval mode: {term: (N,)}."""
-    device = next(model.parameters()).device
-    parts = []
-    with in_mode(model, False):
-        for batch in images.split(batch_size):
-            parts.append(nll_terms(model, batch.to(device).float() / 255.0))
-    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-
-
-def save_grid(images, path, nrow=None, scale=None):
-    """Images (n, C, H, W) in [0, 1] as one PNG grid, `nrow` to a row (default: as square as it gets),
-    enlarged `scale` times with nearest-neighbour pixels (default: the least whole factor that makes a
-    cell at least 56 pixels high, so a 14x14 digit can be seen)."""
-    from torchvision.utils import make_grid, save_image
-    grid = make_grid(images, nrow=nrow or math.ceil(math.sqrt(len(images))), padding=1, pad_value=1.0)
-    scale = scale or max(1, math.ceil(56 / images.shape[-2]))
-    save_image(grid.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1), path)
-
-
-def check_writable_folder(folder, what):
-    """Raise a one-line ValueError unless `folder` is, or can be created as, a folder this process can write in:
-    its nearest existing ancestor must be a writable folder, not a file."""
-    path = os.path.abspath(folder)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        raise ValueError(f'{what}: {path} is a file, not a folder')
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f'{what}: {path} is not writable')
-
-
-def check_memory(needed, what, advice):
-    """Raise a one-line ValueError when `needed` bytes would not fit in 90% of this machine's memory."""
-    try:
-        total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    except (ValueError, OSError, AttributeError):
-        return  # the OS does not say: go ahead
-    if needed > 0.9 * total:
-        raise ValueError(f'{what} needs about {needed / 1e9:.1f} GB, and this machine has {total / 1e9:.1f} GB of '
-                         f'memory; choose {advice}')
-
-
-def pick_device(name=None):
-    """torch.device for `name`, or the best there is: CUDA, then MPS, then CPU."""
-    if name is None:
-        if torch.cuda.is_available():
-            return torch.device('cuda')
-        if torch.backends.mps.is_available():
-            return torch.device('mps')
-        return torch.device('cpu')
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ('cpu', 'cuda', 'mps'):
-        raise ValueError(f'unknown device {name!r}; use cpu, cuda, cuda:N or mps')
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f'device {name!r} asked for, but CUDA is not available here; use --device cpu')
-    if device.type == 'mps' and not torch.backends.mps.is_available():
-        raise ValueError(f'device {name!r} asked for, but MPS is not available here; use --device cpu')
-    return device
-
-
-def native_bf16(device):
-    """(bool, why): whether `device` runs bf16 matrix work in hardware, so that --amp is the faster default: a
-    CUDA GPU of compute capability 8.0 or later, a CPU with AMX or AVX-512 BF16; not MPS."""
-    device = torch.device(device)
-    if device.type == 'cuda':
-        major, minor = torch.cuda.get_device_capability(device)
-        return major >= 8, f'a CUDA GPU of compute capability {major}.{minor}'
-    if device.type == 'cpu':
-        for what, check in (('AMX', '_is_amx_tile_supported'), ('AVX-512 BF16', '_is_avx512_bf16_supported')):
-            if getattr(torch.cpu, check, lambda: False)():   # private in torch: a version without it says no
-                return True, f'a CPU with {what}'
-        return False, 'a CPU without AVX-512 BF16 or AMX'
-    return False, f'{device.type}'
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable or does not fit; the message says which and what to do."""
-
-
-def non_finite_tensor(tensors):
-    """The name of the first tensor of a {name: tensor} mapping (nested dicts and lists too) holding a NaN or an
-    infinity, or None."""
-    items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors)
-    for name, value in items:
-        if isinstance(value, (dict, list, tuple)):
-            inner = non_finite_tensor(value)
-            if inner is not None:
-                return f'{name}.{inner}'
-        elif torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
-            return str(name)
-    return None
-
-
-def checkpoint_bytes(obj):
-    """`obj` serialised by torch.save, once, for as many files as need it."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getbuffer()
-
-
-def write_atomically(data, path):
-    """Write bytes through a temporary file beside `path`, flushed to disk (file and folder) before the rename:
-    a crash or a power cut never leaves half a file, and a failed write (a full disk) leaves the old file as it
-    was and no temporary behind."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise CheckpointError(f'could not write {path}: {e.strerror or e}; the file there before is untouched') from None
-    fsync_folder(os.path.dirname(os.path.abspath(path)))
-
-
-def fsync_folder(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def load_checkpoint(path, device='cpu'):
-    """(model in eval mode on `device`, checkpoint dict) from a file written by train.py."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f'checkpoint {path} not found; give the path of a best.pt or last.pt from train.py')
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f'checkpoint {path} cannot be read ({_one_line(e, 0)}); it may be truncated or not '
-                              f'from train.py') from None
-    if not isinstance(ckpt, dict) or 'config' not in ckpt or 'model' not in ckpt:
-        raise CheckpointError(f'{path} is not a train.py checkpoint (no model config and weights inside)')
-    try:
-        model = RealNVP(RealNVPConfig(**ckpt['config']))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f'the config in {path} cannot build a model: {_one_line(e, 0)}') from None
-    mismatch = state_dict_mismatch(model, ckpt['model'])
-    if mismatch:
-        raise CheckpointError(f'the weights in {path} do not fit its config: {mismatch}')
-    model.load_state_dict(ckpt['model'])
-    bad = non_finite_tensor(ckpt['model'])
-    if bad is not None:
-        raise CheckpointError(f'checkpoint {path} is not finite: its weight {bad} holds NaN or infinite values, '
-                              f'so it cannot be used; take an earlier checkpoint')
-    return model.to(device).eval(), ckpt
-
-
-def state_dict_mismatch(model, state):
-    """'' when `state` fits `model`, else what does not: missing and unexpected names, shapes that differ."""
-    if not isinstance(state, dict):
-        return 'the weights are not a state dict'
-    own, state = model.state_dict(), upgrade_state_dict(state)
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f'{k} is {tuple(state[k].shape)}, the model wants {tuple(v.shape)}' for k, v in own.items()
-              if k in state and torch.is_tensor(state[k]) and state[k].shape != v.shape]
-
-    def listed(names):
-        return ', '.join(names[:3]) + (f' and {len(names) - 3} more' if len(names) > 3 else '')
-    parts = ([f'{len(missing)} missing ({listed(missing)})'] if missing else []) + \
-            ([f'{len(unexpected)} unexpected ({listed(unexpected)})'] if unexpected else []) + \
-            ([f'{len(shapes)} of another shape ({listed(shapes)})'] if shapes else [])
-    return '; '.join(parts)
-
-
-def checkpoint_dataset(ckpt, train=False, data_dir=None):
-    """The data set a checkpoint's run trained on (its name, digits and image size), from `data_dir` or the run's."""
-    saved = ckpt.get('args', {})
-    return ImageDataset(saved.get('dataset', 'mnist'), data_dir or saved.get('data_dir', './data'), train=train,
-                        img_size=ckpt['config']['img_size'], digits=saved.get('digits'))
-
-
-def find_checkpoint(runs_dir='runs'):
-    """The newest run's best.pt (or last.pt) under `runs_dir`."""
-    candidates = []
-    if os.path.isdir(runs_dir):
-        for run in os.listdir(runs_dir):
-            for name in ('best.pt', 'last.pt'):
-                path = os.path.join(runs_dir, run, name)
-                if os.path.isfile(path):
-                    candidates.append((os.path.getmtime(os.path.join(runs_dir, run)), path))
-                    break
-    if not candidates:
-        raise CheckpointError(f'no checkpoint found under {runs_dir}/; train one with train.py or pass --ckpt PATH')
-    return max(candidates)[1]
-
-
-# -----------------------------------------------------------------------------
-# 8. Command-line helpers (argparse types: a bad value exits 2 with one line)
-
-
-def _number(kind, text, ok, what):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'must be {what}, got {text!r}') from None
-    if not ok(value):
-        raise argparse.ArgumentTypeError(f'must be {what}, got {text!r}')
-    return value
-
-
-def positive_int(text):
-    return _number(int, text, lambda v: v >= 1, 'a positive integer')
-
-
-def non_negative_int(text):
-    return _number(int, text, lambda v: v >= 0, 'zero or a positive integer')
-
-
-def positive_float(text):
-    return _number(float, text, lambda v: v > 0 and math.isfinite(v), 'a positive number')
-
-
-def seed(text):
-    return _number(int, text, lambda v: 0 <= v < 2 ** 63, 'an integer from 0 to 2^63 - 1')
-
-
-def non_negative_float(text):
-    return _number(float, text, lambda v: v >= 0 and math.isfinite(v), 'zero or a positive number')
-
-
-def die(prog, error, code=1):
-    """Print `prog: error: <one line>` to stderr and exit with `code`."""
-    print(f'{prog}: error: {error}', file=sys.stderr)
-    sys.exit(code)
-
-
-DEFAULT_T_BOUND = 10.0   # the default recipe's --t-bound
-
-
-def add_model_args(parser):
-    """The architecture's flags, shared by train.py and bench.py; `config_from_args` reads them back."""
-    a = parser.add_argument
-    a('--num-scales', type=positive_int, default=2, help='scales of the multi-scale architecture (default 2)')
-    a('--mid-channels', type=positive_int, default=64, help='channels of the first scale\'s s/t ResNets (default 64)')
-    a('--num-blocks', type=positive_int, default=8, help='residual blocks per s/t ResNet (default 8)')
-    a('--image-size', type=positive_int, default=14,
-      help='images are resized to this; must be a multiple of 2^(num_scales-1) (default 14)')
-    a('--flow-norm', action=argparse.BooleanOptionalAction, default=None,
-      help='batch normalisation of every coupling\'s output as a layer of the flow, with its log-det (RealNVP '
-           'paper, Section 3.7); the lecture has none (default: on; with --recipe lecture, off)')
-    a('--t-bound', type=non_negative_float, default=None, metavar='B',
-      help='bound every coupling\'s translation t to (-B, B) by B tanh(t / B); t is not in the log-det, so the '
-           'flow stays exact, and one unusual image cannot be carried far out of the range the later couplings '
-           f'know; 0: unbounded, as in the lecture (default {DEFAULT_T_BOUND:g}; with --recipe lecture, 0)')
-
-
-def config_from_args(args):
-    """The RealNVPConfig of parsed flags: `add_model_args`'s, and the channels of --dataset (or --in-channels)."""
-    in_channels = getattr(args, 'in_channels', None) or DATASET_CHANNELS[getattr(args, 'dataset', 'mnist')]
-    return RealNVPConfig(in_channels=in_channels, img_size=args.image_size, num_scales=args.num_scales,
-                         mid_channels=args.mid_channels, num_blocks=args.num_blocks,
-                         flow_norm=args.flow_norm is not False,   # None: not given, the default recipe's
-                         t_bound=DEFAULT_T_BOUND if args.t_bound is None else args.t_bound)
+        return to_unit(self.images[i]), self.labels[i]

@@ -10,24 +10,26 @@ import os
 
 import torch
 
-import realnvp as R
+import plumbing as P
+from realnvp import DataNotFoundError, to_unit
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     a = p.add_argument
     a('--ckpt', default=None, help='checkpoint from train.py (default: the newest run\'s best.pt under --runs-dir)')
     a('--runs-dir', default='runs', help='where to look for the newest run (default runs)')
-    a('--n', type=R.positive_int, default=16, help='number of samples (default 16)')
-    a('--temperature', type=R.positive_float, default=1.0, help='z ~ N(0, T^2 I) (default 1.0)')
-    a('--seed', type=R.seed, default=0, help='seed for z (default 0)')
+    a('--n', type=P.positive_int, default=16, help='number of samples (default 16)')
+    a('--temperature', type=P.positive_float, default=1.0, help='z ~ N(0, T^2 I) (default 1.0)')
+    a('--seed', type=P.seed, default=0, help='seed for z (default 0)')
     a('--out', default=None, help='PNG (or .jpg) to write (default: samples_n<N>_t<T>_s<seed>.png beside the checkpoint)')
     a('--device', default=None, help='cpu, cuda, cuda:N or mps (default: the best there is)')
     a('--interpolate', action='store_true', help='latent interpolations between pairs of test images instead')
-    a('--pairs', type=R.positive_int, default=4, help='with --interpolate: pairs of test images, one per row (default 4)')
-    a('--steps', type=R.positive_int, default=8, help='with --interpolate: images per row, ends included (default 8)')
+    a('--pairs', type=P.positive_int, default=4, help='with --interpolate: pairs of test images, one per row (default 4)')
+    a('--steps', type=P.positive_int, default=8, help='with --interpolate: images per row, ends included (default 8)')
     a('--data-dir', default=None, help='with --interpolate: data folder (default: the one the run trained on)')
-    a('--scale', type=R.positive_int, default=None,
+    a('--scale', type=P.positive_int, default=None,
       help='enlarge the PNG this many times, nearest-neighbour (default: so each image is at least 56 pixels)')
     return p
 
@@ -67,7 +69,7 @@ def check_args(parser, args):
         if os.path.splitext(args.out)[1].lower() not in ('.png', '.jpg', '.jpeg'):
             parser.error(f'--out {args.out} needs an image extension: .png (or .jpg)')
         try:
-            R.check_writable_folder(os.path.dirname(os.path.abspath(args.out)), f'--out {args.out}')
+            P.check_writable_folder(os.path.dirname(os.path.abspath(args.out)), f'--out {args.out}')
         except ValueError as e:
             parser.error(str(e))
 
@@ -76,22 +78,18 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    try:
-        device = R.pick_device(args.device)
-        ckpt_path = args.ckpt or R.find_checkpoint(args.runs_dir)
-        model, ckpt = R.load_checkpoint(ckpt_path, device)
-    except ValueError as e:
-        R.die('sample.py', e)
+    model, ckpt, ckpt_path = P.open_checkpoint('sample.py', args)
+    device = next(model.parameters()).device
     torch.manual_seed(args.seed)
     if args.interpolate:
         try:
-            data = R.checkpoint_dataset(ckpt, train=False, data_dir=args.data_dir)
-        except (R.DataNotFoundError, ValueError) as e:
-            R.die('sample.py', e)
+            data = P.checkpoint_dataset(ckpt, train=False, data_dir=args.data_dir)
+        except (DataNotFoundError, ValueError) as e:
+            P.die('sample.py', e)
         if len(data) < 2 * args.pairs:
-            R.die('sample.py', f'--pairs {args.pairs} needs {2 * args.pairs} test images, the split has {len(data)}', 2)
+            P.die('sample.py', f'--pairs {args.pairs} needs {2 * args.pairs} test images, the split has {len(data)}', 2)
         pick = torch.randperm(len(data))[:2 * args.pairs]
-        x = data.images[pick].to(device).float() / 255.0
+        x = to_unit(data.images[pick].to(device))
         images = interpolate(model, x[:args.pairs], x[args.pairs:], args.steps)
         nrow = args.steps
         default_name = f'interpolate_p{args.pairs}_s{args.seed}.png'
@@ -102,7 +100,7 @@ def main(argv=None):
         default_name = f'samples_n{args.n}_t{args.temperature:g}_s{args.seed}.png'
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), default_name)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    R.save_grid(images.cpu(), out, nrow=nrow, scale=args.scale)
+    P.save_grid(images.cpu(), out, nrow=nrow, scale=args.scale)
     print(f'wrote {out} ({len(images)} images from {ckpt_path})')
     return 0
 

@@ -1,0 +1,576 @@
+"""What train.py, sample.py, evaluate.py and bench.py share, and the lecture does not need: command-line types,
+devices and processes, checkpoints, and the run folder that one training owns. (The model is in realnvp.py.)"""
+import argparse
+import fcntl
+import hashlib
+import io
+import math
+import os
+import re
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from realnvp import DATASET_CHANNELS, ImageDataset, RealNVP, RealNVPConfig, one_line
+
+# -----------------------------------------------------------------------------
+# Command lines: argparse types (a bad value exits 2 with one line), the model's flags
+
+
+def _number(kind, text, ok, what):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'must be {what}, got {text!r}') from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f'must be {what}, got {text!r}')
+    return value
+
+
+def positive_int(text):
+    return _number(int, text, lambda v: v >= 1, 'a positive integer')
+
+
+def non_negative_int(text):
+    return _number(int, text, lambda v: v >= 0, 'zero or a positive integer')
+
+
+def positive_float(text):
+    return _number(float, text, lambda v: v > 0 and math.isfinite(v), 'a positive number')
+
+
+def non_negative_float(text):
+    return _number(float, text, lambda v: v >= 0 and math.isfinite(v), 'zero or a positive number')
+
+
+def unit_interval(text):
+    return _number(float, text, lambda v: 0.0 <= v < 1.0, 'a number in [0, 1)')
+
+
+def seed(text):
+    return _number(int, text, lambda v: 0 <= v < 2 ** 63, 'an integer from 0 to 2^63 - 1')
+
+
+def die(prog, error, code=1):
+    """Print `prog: error: <one line>` to stderr and exit with `code`."""
+    print(f'{prog}: error: {error}', file=sys.stderr)
+    sys.exit(code)
+
+
+def model_flags(config):
+    """The flags (by dest) that give `config`'s architecture: what a preset sets as the parser's defaults."""
+    return dict(image_size=config.img_size, num_scales=config.num_scales, mid_channels=config.mid_channels,
+                num_blocks=config.num_blocks, flow_norm=config.flow_norm, t_bound=config.t_bound)
+
+
+def add_model_args(parser):
+    """The architecture's flags, shared by train.py and bench.py, with RealNVPConfig()'s values as defaults;
+    `config_from_args` reads them back."""
+    a, default = parser.add_argument, RealNVPConfig()
+    a('--num-scales', type=positive_int, help=f'scales of the multi-scale architecture (default {default.num_scales})')
+    a('--mid-channels', type=positive_int, help=f'channels of the first scale\'s s/t ResNets (default '
+                                                 f'{default.mid_channels})')
+    a('--num-blocks', type=positive_int, help=f'residual blocks per s/t ResNet (default {default.num_blocks})')
+    a('--image-size', type=positive_int,
+      help=f'images are resized to this; must be a multiple of 2^(num_scales-1) (default {default.img_size})')
+    a('--flow-norm', action=argparse.BooleanOptionalAction,
+      help='batch normalisation of every coupling\'s output as a layer of the flow, with its log-det (RealNVP '
+           'paper, Section 3.7); the lecture has none (default: on; off in the lecture\'s model)')
+    a('--t-bound', type=non_negative_float, metavar='B',
+      help='bound every coupling\'s translation t to (-B, B) by B tanh(t / B); t is not in the log-det, so the '
+           'flow stays exact, and one unusual image cannot be carried far out of the range the later couplings '
+           f'know; 0: unbounded, as in the lecture (default {default.t_bound:g}; 0 in the lecture\'s model)')
+    parser.set_defaults(**model_flags(default))
+
+
+def config_from_args(args):
+    """The RealNVPConfig of parsed flags: `add_model_args`'s, and the channels of --dataset (or --in-channels)."""
+    in_channels = getattr(args, 'in_channels', None) or DATASET_CHANNELS[getattr(args, 'dataset', 'mnist')]
+    return RealNVPConfig(in_channels=in_channels, img_size=args.image_size, num_scales=args.num_scales,
+                         mid_channels=args.mid_channels, num_blocks=args.num_blocks, flow_norm=args.flow_norm,
+                         t_bound=args.t_bound)
+
+
+# -----------------------------------------------------------------------------
+# Devices and memory
+
+
+def pick_device(name=None):
+    """torch.device for `name`, or the best there is: CUDA, then MPS, then CPU."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device('cuda')
+        if torch.backends.mps.is_available():
+            return torch.device('mps')
+        return torch.device('cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda', 'mps'):
+        raise ValueError(f'unknown device {name!r}; use cpu, cuda, cuda:N or mps')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'device {name!r} asked for, but CUDA is not available here; use --device cpu')
+    if device.type == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f'device {name!r} asked for, but MPS is not available here; use --device cpu')
+    return device
+
+
+def native_bf16(device):
+    """(bool, why): whether `device` runs bf16 matrix work in hardware, so that --amp is the faster default: a
+    CUDA GPU of compute capability 8.0 or later, a CPU with AMX or AVX-512 BF16; not MPS. torch has no public
+    question for the CPU's bf16 instructions: these are its private ones (a torch without them says no)."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        major, minor = torch.cuda.get_device_capability(device)
+        return major >= 8, f'a CUDA GPU of compute capability {major}.{minor}'
+    if device.type == 'cpu':
+        for what, check in (('AMX', '_is_amx_tile_supported'), ('AVX-512 BF16', '_is_avx512_bf16_supported')):
+            if getattr(torch.cpu, check, lambda: False)():
+                return True, f'a CPU with {what}'
+        return False, 'a CPU without AVX-512 BF16 or AMX'
+    return False, f'{device.type}'
+
+
+def set_determinism(deterministic, device):
+    """cuDNN autotuning on CUDA unless --deterministic, which asks torch for deterministic kernels everywhere
+    (a kernel without one warns and runs; cuBLAS needs its workspace setting before CUDA starts)."""
+    if deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = device.type == 'cuda' and not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def compile_model(net, device):
+    """torch.compile for training: static shapes (every batch is full); on CUDA, CUDA graphs, with each call of
+    the compiled net starting a new step (the last step's graph outputs are no longer needed)."""
+    compiled = torch.compile(net, mode='reduce-overhead' if device.type == 'cuda' else None, dynamic=False)
+    if device.type == 'cuda':
+        compiled.register_forward_pre_hook(lambda module, args: torch.compiler.cudagraph_mark_step_begin())
+    return compiled
+
+
+def check_memory(needed, what, advice):
+    """Raise a one-line ValueError when `needed` bytes would not fit in 90% of this machine's memory."""
+    try:
+        total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError):
+        return  # the OS does not say: go ahead
+    if needed > 0.9 * total:
+        raise ValueError(f'{what} needs about {needed / 1e9:.1f} GB, and this machine has {total / 1e9:.1f} GB of '
+                         f'memory; choose {advice}')
+
+
+def check_writable_folder(folder, what):
+    """Raise a one-line ValueError unless `folder` is, or can be created as, a folder this process can write in:
+    its nearest existing ancestor must be a writable folder, not a file."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ValueError(f'{what}: {path} is a file, not a folder')
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f'{what}: {path} is not writable')
+
+
+# -----------------------------------------------------------------------------
+# Files: one atomic writer, checkpoints, pictures
+
+CHECKPOINT_FORMAT = 2   # the layout train.py writes; a checkpoint of another format is refused
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be read or written, or a checkpoint that does not fit; the message says what to do."""
+
+
+def write_atomically(data, path):
+    """Write bytes through a temporary file beside `path`, flushed to disk (file and folder) before the rename:
+    a crash or a power cut never leaves half a file, and a failed write (a full disk) leaves the old file as it
+    was and no temporary behind."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise CheckpointError(f'could not write {path}: {e.strerror or e}; the file there before is untouched') from None
+
+
+def checkpoint_bytes(obj):
+    """`obj` serialised by torch.save, once, for as many files as need it."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer()
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no display needed)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path):
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png', dpi=100)
+    pyplot().close(fig)
+    write_atomically(buffer.getbuffer(), path)
+
+
+def save_grid(images, path, nrow=None, scale=None):
+    """Images (n, C, H, W) in [0, 1] as one PNG (or JPEG, by `path`'s extension) grid, `nrow` to a row (default: as
+    square as it gets), enlarged `scale` times with nearest-neighbour pixels (default: the least whole factor that
+    makes a cell at least 56 pixels high, so a 14x14 digit can be seen)."""
+    from torchvision.utils import make_grid, save_image
+    grid = make_grid(images, nrow=nrow or math.ceil(math.sqrt(len(images))), padding=1, pad_value=1.0)
+    scale = scale or max(1, math.ceil(56 / images.shape[-2]))
+    buffer = io.BytesIO()
+    image_format = 'jpeg' if path.lower().endswith(('.jpg', '.jpeg')) else 'png'
+    save_image(grid.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1), buffer, format=image_format)
+    write_atomically(buffer.getbuffer(), path)
+
+
+def non_finite_tensor(tensors):
+    """The name of the first tensor of a {name: tensor} mapping (nested dicts and lists too) holding a NaN or an
+    infinity, or None."""
+    items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors)
+    for name, value in items:
+        if isinstance(value, (dict, list, tuple)):
+            inner = non_finite_tensor(value)
+            if inner is not None:
+                return f'{name}.{inner}'
+        elif torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            return str(name)
+    return None
+
+
+def state_dict_mismatch(model, state):
+    """'' when `state` fits `model`, else what does not: missing and unexpected names, shapes that differ."""
+    if not isinstance(state, dict):
+        return 'the weights are not a state dict'
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f'{k} is {tuple(state[k].shape)}, the model wants {tuple(v.shape)}' for k, v in own.items()
+              if k in state and torch.is_tensor(state[k]) and state[k].shape != v.shape]
+
+    def listed(names):
+        return ', '.join(names[:3]) + (f' and {len(names) - 3} more' if len(names) > 3 else '')
+    parts = ([f'{len(missing)} missing ({listed(missing)})'] if missing else []) + \
+            ([f'{len(unexpected)} unexpected ({listed(unexpected)})'] if unexpected else []) + \
+            ([f'{len(shapes)} of another shape ({listed(shapes)})'] if shapes else [])
+    return '; '.join(parts)
+
+
+def load_checkpoint(path, device='cpu'):
+    """(model in eval mode on `device`, checkpoint dict) from a file written by train.py: the one reader of
+    checkpoints, for --resume, sample.py and evaluate.py. Anything wrong with it is one CheckpointError."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint {path} not found; give the path of a best.pt or last.pt from train.py')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f'checkpoint {path} cannot be read ({one_line(e, 0)}); it may be truncated or not '
+                              f'from train.py') from None
+    if not isinstance(ckpt, dict) or 'config' not in ckpt or 'model' not in ckpt:
+        raise CheckpointError(f'{path} is not a train.py checkpoint (no model config and weights inside)')
+    if ckpt.get('format') != CHECKPOINT_FORMAT:
+        raise CheckpointError(f'{path} is a checkpoint of format {ckpt.get("format", 1)}, and this version of '
+                              f'train.py reads format {CHECKPOINT_FORMAT} only; train it again with this version')
+    try:
+        model = RealNVP(RealNVPConfig(**ckpt['config']))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f'the config in {path} cannot build a model: {one_line(e, 0)}') from None
+    mismatch = state_dict_mismatch(model, ckpt['model'])
+    if mismatch:
+        raise CheckpointError(f'the weights in {path} do not fit its config: {mismatch}')
+    bad = non_finite_tensor(ckpt['model'])
+    if bad is not None:
+        raise CheckpointError(f'checkpoint {path} is not finite: its weight {bad} holds NaN or infinite values, '
+                              f'so it cannot be used; take an earlier checkpoint')
+    model.load_state_dict(ckpt['model'])
+    return model.to(device).eval(), ckpt
+
+
+def open_checkpoint(prog, args):
+    """(model, checkpoint, path) for sample.py and evaluate.py: --ckpt (or the newest run's under --runs-dir) on
+    --device; anything wrong exits 1 with one line."""
+    try:
+        path = args.ckpt or find_checkpoint(args.runs_dir)
+        return (*load_checkpoint(path, pick_device(args.device)), path)
+    except ValueError as e:
+        die(prog, e)
+
+
+def checkpoint_dataset(ckpt, train=False, data_dir=None):
+    """The data set a checkpoint's run trained on (its name, digits and image size), from `data_dir` or the run's."""
+    saved = ckpt.get('args', {})
+    return ImageDataset(saved.get('dataset', 'mnist'), data_dir or saved.get('data_dir', './data'), train=train,
+                        img_size=ckpt['config']['img_size'], digits=saved.get('digits'))
+
+
+def data_fingerprint(train, test):
+    """Sizes and a hash of both splits (uint8 tensors), kept in checkpoints: a resume must see the same data."""
+    digest = hashlib.sha256()
+    for images in (train, test):
+        digest.update(str(tuple(images.shape)).encode())
+        digest.update(images.contiguous().numpy().tobytes())
+    return dict(train=len(train), test=len(test), sha256=digest.hexdigest()[:16])
+
+
+def find_checkpoint(runs_dir='runs'):
+    """The newest run's best.pt (or last.pt) under `runs_dir`."""
+    candidates = []
+    if os.path.isdir(runs_dir):
+        for run in os.listdir(runs_dir):
+            for name in ('best.pt', 'last.pt'):
+                path = os.path.join(runs_dir, run, name)
+                if os.path.isfile(path):
+                    candidates.append((os.path.getmtime(os.path.join(runs_dir, run)), path))
+                    break
+    if not candidates:
+        raise CheckpointError(f'no checkpoint found under {runs_dir}/; train one with train.py or pass --ckpt PATH')
+    return max(candidates)[1]
+
+
+# -----------------------------------------------------------------------------
+# Processes: one, or several under torchrun
+
+
+class Dist:
+    """One process: rank 0 of 1, and every collective is the identity. `Dist.start` returns the
+    multi-process `TorchDist` under torchrun, so the training code never asks how many processes there are."""
+
+    def __init__(self, device):
+        self.rank, self.world, self.device = 0, 1, device
+        self.sync_every = 1  # steps between stop checks; one process checks its own flag every step
+
+    @staticmethod
+    def start(device, log_every):
+        return TorchDist(device, log_every) if int(os.environ.get('WORLD_SIZE', '1')) > 1 else Dist(device)
+
+    def all_reduce(self, tensor, op='sum'):
+        return tensor
+
+    def reduce_max(self, tensor):
+        return self.all_reduce(tensor, 'max')
+
+    def any(self, flag):
+        return flag
+
+    def broadcast(self, obj):
+        return obj
+
+    def gather(self, obj):
+        return [obj]
+
+    def shard(self, tensor):
+        return tensor[self.rank::self.world]
+
+    def wrap(self, model):
+        return model
+
+    def average_buffers(self, model):
+        pass
+
+    def check_ranks_agree(self, model, log):
+        pass
+
+    def close(self):
+        pass
+
+
+class TorchDist(Dist):
+    """Several processes started by torchrun: gloo on the CPU, NCCL on CUDA (one GPU a process)."""
+
+    def __init__(self, device, log_every):
+        super().__init__(device)
+        if device.type == 'cuda':
+            self.device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+            torch.cuda.set_device(self.device)
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                                device_id=self.device if device.type == 'cuda' else None)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.sync_every = log_every  # agreeing on a stop costs an all-reduce and a host sync
+
+    def all_reduce(self, tensor, op='sum'):
+        dist.all_reduce(tensor, op={'sum': dist.ReduceOp.SUM, 'max': dist.ReduceOp.MAX}[op])
+        return tensor
+
+    def any(self, flag):
+        return self.all_reduce(torch.tensor(float(flag), device=self.device), 'max').item() > 0
+
+    def broadcast(self, obj):
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def gather(self, obj):
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def wrap(self, model):
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+
+    def average_buffers(self, model):
+        """Average the batch-norm running statistics over the ranks: each saw only its own batches."""
+        for buffer in model.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer, op=dist.ReduceOp.AVG)
+
+    def check_ranks_agree(self, model, log):
+        """Every rank must hold the same weights and statistics: compare digests, say so in the log."""
+        digest = hashlib.sha256()
+        for value in model.state_dict().values():
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        digests = self.gather(digest.hexdigest())
+        if len(set(digests)) == 1:
+            log(f'weights identical across {self.world} ranks (sha256 {digests[0][:12]})')
+        else:
+            log(f'warning: the {self.world} ranks ended with different weights ({", ".join(d[:12] for d in digests)})')
+
+    def close(self):
+        dist.destroy_process_group()
+
+
+class Interrupt:
+    """Ctrl-C and SIGTERM while a run trains: noted in `caught`, so that the loop stops after the current step
+    and saves; the handlers before it are put back on exit."""
+
+    def __enter__(self):
+        self.caught = False
+        self.previous = {s: signal.signal(s, self._note) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _note(self, signum, frame):
+        self.caught = True
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# -----------------------------------------------------------------------------
+# The run folder
+
+
+def check_run_folder(out_dir, ckpt, resume):
+    """A run folder holds one run: a new run only starts in a folder without checkpoints, and a resumed run only
+    writes into its own folder, never over a newer last.pt. A resume into a new folder branches: a new run."""
+    last = os.path.join(out_dir, 'last.pt')
+    held = [n for n in ('last.pt', 'best.pt') if os.path.exists(os.path.join(out_dir, n))]
+    if ckpt is None:
+        if held:
+            raise ValueError(f'{out_dir} already holds {held[0]}; pass --resume '
+                             f'{os.path.join(out_dir, held[0])} to continue it, or another --out-dir')
+        return
+    if not held:
+        return  # a branch into a fresh folder
+    if not os.path.exists(last):
+        raise ValueError(f'{out_dir} holds best.pt but no last.pt: another run\'s folder; pass another --out-dir')
+    if os.path.samefile(last, resume):
+        return  # the folder's own newest checkpoint
+    _, theirs = load_checkpoint(last)
+    if theirs.get('run_id') != ckpt['run_id']:
+        raise ValueError(f'{out_dir} holds another run (id {theirs.get("run_id")}) than {resume} '
+                         f'(id {ckpt["run_id"]}); resume into the checkpoint\'s own folder, or branch with a new '
+                         f'--out-dir')
+    if theirs['state']['step'] > ckpt['state']['step']:
+        raise ValueError(f'{last} is at step {theirs["state"]["step"]}, past {resume} (step '
+                         f'{ckpt["state"]["step"]}); resuming would overwrite it: to branch from this checkpoint pass '
+                         f'a new --out-dir')
+
+
+
+
+class RunFolder:
+    """The folder of one training run. Only rank 0 writes; every other rank gets one that writes nothing.
+
+    Rank 0 creates the folder and holds an exclusive lock on it for the run's lifetime (the kernel drops it when
+    the process ends, however it ends): a second training into the same folder exits with one line. Every file
+    goes through `write_atomically`, so a crash leaves each one whole, old or new."""
+
+    def __init__(self, out_dir, active):
+        self.dir, self.active = out_dir, active
+        if not active:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self.lock = open(self.path('.lock'), 'a+')
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.seek(0)
+            die('train.py', f'{out_dir} is in use by another training (pid {self.lock.read().strip() or "?"}); '
+                            f'wait for it to end, or pass another --out-dir')
+        self.lock.truncate(0)
+        self.lock.write(f'{os.getpid()}\n')
+        self.lock.flush()
+        for name in os.listdir(out_dir):   # temporaries of a process that died mid-write (we hold the lock)
+            if re.fullmatch(r'.+\.tmp\d+', name):
+                os.remove(self.path(name))
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def log(self, message):
+        if self.active:
+            tqdm.write(message)
+            with open(self.path('train.log'), 'a') as f:
+                f.write(message + '\n')
+
+    def write(self, name, data):
+        """Write bytes (or a str) as the file `name`, atomically."""
+        if self.active:
+            write_atomically(data.encode() if isinstance(data, str) else data, self.path(name))
+
+    def write_grid(self, images, name):
+        if self.active:
+            save_grid(images, self.path(name))
+
+    def read_metrics(self, upto_epoch):
+        """The rows of metrics.csv up to `upto_epoch` (rows past it belong to epochs a resume redoes)."""
+        path = self.path('metrics.csv')
+        if not self.active or not os.path.isfile(path):
+            return []
+        try:
+            with open(path) as f:
+                lines = [line.rstrip('\n').split(',') for line in f if line.strip()]
+            rows = [dict(zip(lines[0], line, strict=True)) for line in lines[1:]]
+            return [row for row in rows if int(row['epoch']) <= upto_epoch]
+        except (KeyError, ValueError, IndexError, UnicodeDecodeError):
+            die('train.py', f'{path} is not a metrics file of train.py; move it away to resume (a new one is '
+                            f'written from this point on)')
+
+    def write_metrics(self, rows):
+        """metrics.csv, and curves.png: the train and test bpd of each epoch."""
+        if not self.active:
+            return
+        columns = list(rows[0])
+        self.write('metrics.csv', '\n'.join([','.join(columns)] + [','.join(str(r[c]) for c in columns)
+                                                                   for r in rows]) + '\n')
+        fig, ax = pyplot().subplots(figsize=(5, 3.5))
+        epochs = [int(r['epoch']) for r in rows]
+        ax.plot(epochs, [float(r['train_bpd']) for r in rows], 'o-', label='train')
+        ax.plot(epochs, [float(r['test_bpd']) for r in rows], 's-', label='test')
+        ax.set_xlabel('epoch')
+        ax.set_ylabel('bits per dimension')
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        save_figure(fig, self.path('curves.png'))

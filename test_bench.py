@@ -1,0 +1,120 @@
+"""bench.py and gpu_check.sh: the benchmark's figures agree with each other and with torch's flop counter, and the
+GPU check runs every stage (here on the CPU, with a tiny model) and records what fails."""
+import json
+import math
+import os
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import HERE, NOTEBOOK, OFFLINE, script
+from realnvp import RealNVP, RealNVPConfig, WNConv2d
+
+
+@pytest.mark.slow
+def test_bench_reports_consistent_figures():
+    result = script('bench.py', '--image-size', 8, '--mid-channels', 4, '--num-blocks', 1, '--batch-size', 8,
+                    '--steps', 2, '--warmup', 1, '--num-threads', 1, '--device', 'cpu', '--json')
+    assert result.returncode == 0, result.stderr
+    import bench
+    r = json.loads(result.stdout)
+    params, forward, step = bench.count_flops(RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1))
+    assert r['parameters'] == params and r['gflop_train_step_per_image'] == step / 1e9
+    assert {'flow_norm_share_of_step', 't_bound_share_of_step'} <= set(r)   # the default model has both
+    ceiling = max(r['matmul_fp32_gflop_per_s'], r['conv_fp32_gflop_per_s'])
+    assert r['ceiling_fp32_gflop_per_s'] == ceiling and r['ceiling_dtype'] == 'fp32'
+    assert abs(r['ratio_to_ceiling'] - r['achieved_gflop_per_s'] / ceiling) < 1e-9
+    assert 0 < r['share_outside_convolutions'] < 1
+    assert r['conv_bound_images_per_s'] > 0
+    assert r['ema_update_share_of_step'] > 0 and r['bn_refresh_batch_share_of_step'] > 0
+    assert r['first_step_s'] > 0 and r['launches_per_step'] > 100 and r['launches_kind'] == 'aten operators'
+    assert r['train_images_per_s'] > 0 and r['sample_images_per_s'] > 0 and r['eval_images_per_s'] > 0
+
+
+TINY_CHECK = ['--image-size', '8', '--mid-channels', '4', '--num-blocks', '1', '--batch-size', '16', '--num-threads', '1']
+
+
+def gpu_check(data_dir, out, device, notebook=''):
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', **OFFLINE, 'GPU_CHECK_DEVICE': device, 'GPU_CHECK_EPOCHS': '1',
+           'GPU_CHECK_COMPILE': '0', 'GPU_CHECK_NOTEBOOK': notebook}
+    return subprocess.run(['bash', os.path.join(HERE, 'gpu_check.sh'), data_dir, str(out), *TINY_CHECK],
+                          capture_output=True, text=True, env=env, cwd=HERE, timeout=600)
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_stage_and_sums_them_up(data_dir, tmp_path):
+    """gpu_check.sh on the CPU with a tiny model: every stage exits 0, the summary holds what they printed."""
+    notebook = NOTEBOOK if os.path.isfile(NOTEBOOK) else ''
+    out = tmp_path / 'check'
+    result = gpu_check(data_dir, out, 'cpu', notebook)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((out / 'summary.json').read_text())
+    assert set(summary['stages']) == {'copy', 'versions', 'bench_fp32', 'bench_amp', 'train', 'evaluate'}
+    assert all(s['exit'] == 0 and 0 < s['seconds'] <= s['limit'] + 10 for s in summary['stages'].values())
+    assert summary['versions']['torch'] == torch.__version__
+    evaluation = json.loads((out / 'evaluate.out').read_text())
+    assert summary['test_bpd'] == evaluation['bpd'] and math.isfinite(evaluation['bpd'])
+    assert summary['evaluated_step'] == 7 and summary['train_finished']   # 100 images / 16: 7 steps
+    fp32 = json.loads((out / 'bench_fp32.out').read_text())
+    assert summary['fp32']['images_per_s'] == fp32['train_images_per_s'] > 0 and summary['amp']['images_per_s'] > 0
+    if notebook:
+        assert summary['fp32']['times_lecture'] == fp32['train_images_per_s'] / fp32['lecture_train_images_per_s']
+    assert 'test bpd' in result.stdout and os.path.isfile(out / 'data' / 'MNIST' / 'raw' / 'train-images-idx3-ubyte')
+    again = gpu_check(data_dir, out, 'cpu')
+    assert again.returncode == 2 and 'earlier check' in again.stderr   # never over an earlier check
+
+
+def test_gpu_check_without_mnist_says_so_and_writes_nothing(tmp_path):
+    result = gpu_check(str(tmp_path / 'nowhere'), tmp_path / 'check', 'cpu')
+    assert result.returncode == 2 and result.stderr.strip().count('\n') == 0
+    assert 'MNIST/raw not found' in result.stderr and not (tmp_path / 'check').exists()
+
+
+@pytest.mark.slow
+def test_gpu_check_records_failed_stages_and_exits_1(data_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip('needs a machine without CUDA')
+    out = tmp_path / 'check'
+    result = gpu_check(data_dir, out, 'cuda')
+    assert result.returncode == 1
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['stages']['copy']['exit'] == 0 and summary['stages']['bench_fp32']['exit'] == 2
+    assert summary['fp32']['images_per_s'] is None and summary['test_bpd'] is None
+    assert 'NOT finished' in result.stdout
+
+
+def test_the_bound_is_the_step_s_convolution_flops_at_their_measured_rates(monkeypatch):
+    """With every convolution shape timed at one rate, the bound is that rate over the training step's FLOPs as
+    torch's flop counter counts them (the model's only counted work is convolutions): each shape counted as
+    often as the model runs it, forward and backward. Under --amp the rates are bf16's."""
+    import bench
+    config = RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1)
+    rate = {torch.float32: 3e9, torch.bfloat16: 5e9}
+    monkeypatch.setattr(bench, 'conv_flops_per_s', lambda shape, device, dtype: rate[dtype])
+    monkeypatch.setattr(bench, 'matmul_flops_per_s', lambda device, dtype: 1e9)
+    step_flops = bench.count_flops(config)[2] * 8   # a batch of 8
+    for amp, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        args = SimpleNamespace(amp=amp, batch_size=8)
+        step = dict(achieved_gflop_per_s=1.0, train_step_s=0.5)   # the training step's own figures
+        r = bench.measure_ceiling(args, config, torch.device('cpu'), step)
+        assert abs(r['conv_bound_images_per_s'] - 8 * rate[dtype] / step_flops) < 1e-9 * r['conv_bound_images_per_s']
+        assert abs(r['conv_bound_share_of_step'] - step_flops / rate[dtype] / 0.5) < 1e-12
+        assert r['ceiling_dtype'] == ('bf16' if amp else 'fp32')
+
+
+def test_bench_counts_convolution_flops_as_the_flop_counter_does():
+    import bench
+    from torch.utils.flop_counter import FlopCounterMode
+    shapes = bench.conv_shapes(RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1), batch_size=3)
+    assert {w[2] for _, w, _ in shapes} == {1, 3} and len(shapes) >= 6
+    model = RealNVP(img_size=8, mid_channels=4, num_blocks=1)   # each of its convolutions counted once
+    assert sum(shapes.values()) == sum(isinstance(m, WNConv2d) for m in model.modules())
+    for x_shape, w_shape, padding in shapes:
+        x = torch.randn(x_shape, requires_grad=True)
+        w = torch.randn(w_shape, requires_grad=True)
+        with FlopCounterMode(display=False) as counter:
+            torch.nn.functional.conv2d(x, w, padding=padding).sum().backward()
+        assert counter.get_total_flops() == bench.conv_step_flops((x_shape, w_shape, padding))
+

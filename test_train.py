@@ -1,0 +1,522 @@
+"""train.py: its pieces in process (flags, recipes, the resume policy, the skip guard, the schedule, compiling),
+then whole runs in subprocesses: what a run writes, exact resume after a stop, Ctrl-C or a kill at any write, one
+run per folder, nothing non-finite saved, and two processes under torchrun. Tests marked `slow` start
+subprocesses."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import plumbing
+import train
+from conftest import (HERE, OFFLINE, TINY, TINY_RUN, assert_one_line_error, assert_same_weights, load, make_mnist,
+                      script, script_killed_after_writes)
+from realnvp import RealNVP, RealNVPConfig, RealNVPLoss, SkipGuard, get_param_groups, make_optimizer, train_step
+
+
+def folder_bytes(path):
+    return {name: open(os.path.join(path, name), 'rb').read() for name in sorted(os.listdir(path))}
+
+
+
+def nan_loss(z, sldj):
+    """The loss of a step gone wrong."""
+    return RealNVPLoss()(z, sldj) * float('nan')
+
+
+@pytest.mark.parametrize('fused', [True, False])
+def test_non_finite_step_leaves_weights_and_optimizer_untouched(fused):
+    torch.manual_seed(0)
+    model = RealNVP(img_size=4, num_scales=2, **TINY)
+    opt = torch.optim.Adam(get_param_groups(model, 5e-5), lr=1e-2, fused=fused)
+    guard = SkipGuard(opt, 100.0)
+    x = torch.rand(8, 1, 4, 4)
+    loss, bad = train_step(model, guard, RealNVPLoss(), x, nullcontext())
+    assert bad.item() == 0 and torch.isfinite(loss)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}   # batch-norm statistics included
+    moments = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+
+    loss, bad = train_step(model, guard, nan_loss, x, nullcontext())
+    assert bad.item() == 1 and torch.isnan(loss)
+    for k, v in weights.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            assert torch.equal(v, moments[id(p)][k]), k
+    loss, bad = train_step(model, guard, RealNVPLoss(), x, nullcontext())
+    assert bad.item() == 0
+    assert any(not torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
+
+
+def test_resume_policy_classifies_every_flag():
+    """Each flag of train.py is frozen, kept or per-run on --resume: a new flag cannot slip through."""
+    dests = set(vars(train.build_parser().parse_args([])))
+    assert set(train.RESUME_POLICY) == dests
+    assert set(train.RESUME_POLICY.values()) == {train.FROZEN, train.KEPT, train.PER_RUN}
+
+
+def test_one_process_dist_is_the_identity(monkeypatch):
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    d = plumbing.Dist.start(torch.device('cpu'), log_every=10)
+    assert type(d) is plumbing.Dist and (d.rank, d.world, d.sync_every) == (0, 1, 1)
+    t = torch.tensor([1.0, 2.0])
+    assert d.all_reduce(t, 'max') is t and torch.equal(d.shard(t), t) and d.any(True) and not d.any(False)
+    assert d.gather('x') == ['x'] and d.broadcast('y') == 'y'
+    model = RealNVP(img_size=4, **TINY)
+    assert d.wrap(model) is model
+
+
+# -----------------------------------------------------------------------------
+# train.py end to end
+
+
+@pytest.mark.slow
+def test_train_writes_checkpoints_metrics_plot_and_grid(full_run):
+    for name in ('last.pt', 'best.pt', 'metrics.csv', 'curves.png', 'samples_epoch001.png', 'samples_epoch002.png',
+                 'train.log', 'config.json'):
+        assert os.path.isfile(os.path.join(full_run, name)), name
+    ckpt = load(os.path.join(full_run, 'last.pt'))
+    s = ckpt['state']
+    assert s['step'] == 14 and s['epoch'] == 2 and s['skipped'] == 0 and ckpt['format'] == plumbing.CHECKPOINT_FORMAT
+    assert ckpt['config'] == dict(in_channels=1, img_size=8, num_scales=2, mid_channels=4, num_blocks=1,
+                                  data_constraint=0.9, flow_norm=True, t_bound=10.0)   # the default recipe's
+    assert ckpt['args']['seed'] == 0 and 'state' in ckpt['optimizer']
+    last_lr = train.learning_rate(SimpleNamespace(**ckpt['args']), 13, 14)   # step 14 of 14 ran at this lr
+    assert 0 < last_lr < 1e-3 and all(g['lr'] == last_lr for g in ckpt['optimizer']['param_groups'])
+    rows = open(os.path.join(full_run, 'metrics.csv')).read().strip().splitlines()
+    assert rows[0].startswith('epoch,step,train_bpd,test_bpd') and len(rows) == 3
+    best_bpd = min(float(r.split(',')[3]) for r in rows[1:])
+    assert abs(load(os.path.join(full_run, 'best.pt'))['state']['best_bpd'] - best_bpd) < 1e-4
+    log = open(os.path.join(full_run, 'train.log')).read()
+    assert 'seed 0' in log and 'epoch 2: train bpd' in log
+    assert 'bf16 autocast off' in log   # --no-amp, said at the start
+    with open(os.path.join(full_run, 'config.json')) as f:
+        config = json.load(f)
+    assert config['model']['mid_channels'] == 4 and config['args']['amp'] is False
+
+
+@pytest.mark.slow
+def test_resume_under_amp_equals_the_uninterrupted_run(data_dir, tmp_path):
+    """bf16 autocast (training, refresh and evaluation) resumes bit-exactly too."""
+    runs = {}
+    for name, steps in (('full', []), ('stopped', ['--max-steps', 10])):
+        runs[name] = str(tmp_path / name)
+        result = script('train.py', '--data-dir', data_dir, '--out-dir', runs[name], '--epochs', 2, *steps,
+                        *TINY_RUN, '--amp')
+        assert result.returncode == 0, result.stderr
+    assert 'bf16 autocast on' in open(os.path.join(runs['full'], 'train.log')).read()
+    second = script('train.py', '--resume', os.path.join(runs['stopped'], 'last.pt'), '--data-dir', data_dir,
+                    '--num-threads', 1)
+    assert second.returncode == 0, second.stderr
+    assert_same_weights(os.path.join(runs['stopped'], 'last.pt'), os.path.join(runs['full'], 'last.pt'))
+
+
+@pytest.mark.slow
+def test_resume_continues_and_equals_the_uninterrupted_run(full_run, data_dir, tmp_path):
+    out = str(tmp_path / 'stopped')
+    first = script('train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 2, '--max-steps', 10, *TINY_RUN)
+    assert first.returncode == 0, first.stderr
+    assert load(os.path.join(out, 'last.pt'))['state']['step'] == 10   # mid-way through epoch 2
+    second = script('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir, '--num-threads', 1)
+    assert second.returncode == 0, second.stderr
+    assert 'resumed from' in second.stdout
+    assert_same_weights(os.path.join(out, 'last.pt'), os.path.join(full_run, 'last.pt'))
+    rows = open(os.path.join(out, 'metrics.csv')).read().strip().splitlines()
+    assert [r.split(',')[0] for r in rows[1:]] == ['1', '2']
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_resume_equals_the_uninterrupted_run(full_run, data_dir, tmp_path):
+    out = str(tmp_path / 'interrupted')
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', **OFFLINE}
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'train.py'), '--data-dir', data_dir, '--out-dir', out,
+                             '--epochs', '2', *TINY_RUN], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=HERE)
+    for line in proc.stdout:
+        if line.startswith('training'):
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert 'Traceback' not in stderr and 'interrupted at step' in stdout
+    step = load(os.path.join(out, 'last.pt'))['state']['step']
+    assert 1 <= step < 14
+    resumed = script('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir, '--num-threads', 1)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_weights(os.path.join(out, 'last.pt'), os.path.join(full_run, 'last.pt'))
+
+
+@pytest.mark.slow
+def test_persistent_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(full_run, data_dir, tmp_path,
+                                                                                  monkeypatch, capsys):
+    out = str(tmp_path / 'nan')
+    shutil.copytree(full_run, out)
+    before = open(os.path.join(out, 'last.pt'), 'rb').read()
+    monkeypatch.setattr(RealNVPLoss, 'forward', lambda self, z, sldj: (z.sum() + sldj.sum()) * float('nan'))
+    code = train.main(['--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir, '--epochs', '4',
+                       '--max-bad-steps', '3', '--log-every', '1'])
+    assert code == 1
+    assert 'steps in a row had a non-finite loss' in capsys.readouterr().out
+    assert open(os.path.join(out, 'last.pt'), 'rb').read() == before
+
+
+
+@pytest.mark.slow
+def test_resume_takes_the_architecture_from_the_checkpoint(full_run, tmp_path):
+    """A resumed run keeps its model: its flow norm and translation bound come from the checkpoint, the same value
+    given again is accepted, another one is refused (exit 2), whichever recipe is given or not."""
+    run = tmp_path / 'run'
+    shutil.copytree(full_run, run)
+    resume = ['--resume', str(run / 'last.pt'), '--device', 'cpu']
+    args = train.parse_args(resume)[0]
+    assert (args.flow_norm, args.t_bound, args.recipe) == (True, 10.0, 'default')
+    assert train.parse_args(resume + ['--t-bound', '10'])[0].t_bound == 10.0
+    for other in (['--no-flow-norm'], ['--t-bound', '5'], ['--recipe', 'lecture'], ['--mid-channels', '8']):
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_args(resume + other)
+        assert exit_info.value.code == 2, other
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_format_is_refused_naming_both(full_run, tmp_path):
+    run = tmp_path / 'run'
+    shutil.copytree(full_run, run)
+    ckpt = load(run / 'last.pt')
+    del ckpt['format']   # as checkpoints were before the format was written
+    torch.save(ckpt, run / 'last.pt')
+    for name, flags in (('train.py', []), ('sample.py', ['--n', 1]), ('evaluate.py', [])):
+        flag = '--resume' if name == 'train.py' else '--ckpt'
+        result = script(name, flag, run / 'last.pt', *flags)
+        assert_one_line_error(result, 2 if name == 'train.py' else 1, 'format 1', f'format {plumbing.CHECKPOINT_FORMAT}')
+
+
+# -----------------------------------------------------------------------------
+# train.py: one run folder, one run; crash order; nothing non-finite is saved
+
+
+def copy_run(full_run, path, run_id=None):
+    """A copy of the full run's folder; with `run_id`, its checkpoints say they belong to another run."""
+    shutil.copytree(full_run, path)
+    if run_id:
+        for name in ('last.pt', 'best.pt'):
+            ckpt = load(os.path.join(path, name))
+            ckpt['run_id'] = run_id
+            torch.save(ckpt, os.path.join(path, name))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_resuming_an_older_checkpoint_never_overwrites_a_newer_one(full_run, data_dir, tmp_path):
+    run = copy_run(full_run, tmp_path / 'run')
+    older = load(os.path.join(run, 'last.pt'))
+    older['state']['step'], older['state']['epoch'] = 7, 1          # as a best.pt from epoch 1 would be
+    torch.save(older, os.path.join(run, 'best.pt'))
+    before = folder_bytes(run)
+    refused = script('train.py', '--resume', os.path.join(run, 'best.pt'), '--data-dir', data_dir)
+    assert_one_line_error(refused, 2, 'step 14, past', '--out-dir')
+    assert folder_bytes(run) == before
+    # branching into a new folder is the way: a new run, that says where it came from
+    branch = str(tmp_path / 'branch')
+    result = script('train.py', '--resume', os.path.join(run, 'best.pt'), '--out-dir', branch, '--data-dir', data_dir)
+    assert result.returncode == 0, result.stderr
+    assert folder_bytes(run) == before
+    config = json.load(open(os.path.join(branch, 'config.json')))
+    assert config['branched_from'] == load(os.path.join(run, 'last.pt'))['run_id'] != config['run_id']
+    assert load(os.path.join(branch, 'last.pt'))['run_id'] == config['run_id']
+
+
+@pytest.mark.slow
+def test_a_folder_holding_another_run_is_never_written_into(full_run, data_dir, tmp_path):
+    a = copy_run(full_run, tmp_path / 'a')
+    b = copy_run(full_run, tmp_path / 'b', run_id='another')
+    before = folder_bytes(b)
+    result = script('train.py', '--resume', os.path.join(a, 'last.pt'), '--out-dir', b, '--epochs', 3,
+                    '--data-dir', data_dir)
+    assert_one_line_error(result, 2, 'holds another run', 'another')
+    assert folder_bytes(b) == before
+
+
+@pytest.mark.slow
+def test_resuming_on_other_data_is_refused(full_run, tmp_path):
+    run = copy_run(full_run, tmp_path / 'run')
+    other = make_mnist(str(tmp_path / 'other'), n=100, seed=1)   # same sizes, other pixels
+    before = folder_bytes(run)
+    result = script('train.py', '--resume', os.path.join(run, 'last.pt'), '--epochs', 3, '--data-dir', other)
+    assert_one_line_error(result, 1, 'not the data this run trained on', '--data-dir')
+    assert folder_bytes(run) == before
+
+
+@pytest.mark.slow
+def test_a_second_training_into_a_folder_in_use_is_refused_and_a_killed_ones_lock_is_not(data_dir, tmp_path):
+    out = str(tmp_path / 'busy')
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', **OFFLINE}
+    first = subprocess.Popen([sys.executable, os.path.join(HERE, 'train.py'), '--data-dir', data_dir, '--out-dir',
+                              out, '--epochs', '50', *TINY_RUN], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, env=env, cwd=HERE)
+    try:
+        for line in first.stdout:
+            if line.startswith('epoch 1:'):   # last.pt exists
+                break
+        second = script('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir)
+        assert_one_line_error(second, 1, f'{out} is in use by another training (pid {first.pid})')
+    finally:
+        first.kill()
+        first.wait()
+    open(os.path.join(out, 'last.pt.tmp999999'), 'wb').close()   # as a process killed mid-write leaves
+    step = load(os.path.join(out, 'last.pt'))['state']['step']
+    third = script('train.py', '--resume', os.path.join(out, 'last.pt'), '--max-steps', step + 1,
+                   '--data-dir', data_dir)
+    assert third.returncode == 0, third.stderr
+    assert load(os.path.join(out, 'last.pt'))['state']['step'] == step + 1
+    assert not [n for n in os.listdir(out) if '.tmp' in n]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kill_after', [7, 8, 9, 10, 11])
+def test_a_kill_at_each_write_of_an_epoch_end_loses_nothing(full_run, data_dir, tmp_path, kill_after):
+    """A run writes config.json, then 5 files an epoch (best.pt, metrics.csv, curves.png, the grid, last.pt: the
+    commit point); a SIGKILL right after each write of epoch 2's, then --resume, gives the uninterrupted run's
+    files."""
+    out = str(tmp_path / 'killed')
+    killed = script_killed_after_writes(kill_after, 'train.py', '--data-dir', data_dir, '--out-dir', out,
+                                        '--epochs', '2', *TINY_RUN)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert load(os.path.join(out, 'last.pt'))['state']['epoch'] == (2 if kill_after == 11 else 1)
+    resumed = script('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir, '--num-threads', 1)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_weights(os.path.join(out, 'last.pt'), os.path.join(full_run, 'last.pt'))
+    assert_same_weights(os.path.join(out, 'best.pt'), os.path.join(full_run, 'best.pt'))
+
+    def rows(run):
+        return [r.split(',')[:4] for r in open(os.path.join(run, 'metrics.csv')).read().strip().splitlines()]
+    assert rows(out) == rows(full_run) and len(rows(out)) == 3
+    assert os.path.isfile(os.path.join(out, 'samples_epoch002.png'))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('flags', [['--lr', '1e10'], ['--weight-decay', '1e300']])
+def test_a_run_that_goes_non_finite_stops_and_saves_nothing_non_finite(data_dir, tmp_path, flags):
+    out = str(tmp_path / 'bad')
+    result = script('train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 3, *flags, *TINY_RUN)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert 'not finite' in result.stdout or 'non-finite' in result.stdout
+    for name in ('last.pt', 'best.pt'):
+        if os.path.exists(os.path.join(out, name)):
+            ckpt = load(os.path.join(out, name))
+            assert plumbing.non_finite_tensor({k: ckpt[k] for k in ('model', 'train_model', 'optimizer')}) is None
+
+
+def test_a_full_disk_while_saving_leaves_the_old_checkpoint_and_no_temporary(tmp_path, monkeypatch):
+    path = str(tmp_path / 'last.pt')
+    plumbing.write_atomically(b'old', path)
+
+    def full(fd):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(os, 'fsync', full)
+    with pytest.raises(plumbing.CheckpointError, match='could not write .*No space left on device.*untouched'):
+        plumbing.write_atomically(b'new', path)
+    assert open(path, 'rb').read() == b'old' and os.listdir(tmp_path) == ['last.pt']
+
+
+def test_learning_rate_warms_up_holds_and_decays_to_zero_over_the_last_fraction():
+    lr = lambda step, warmup=0, decay=0.2: train.learning_rate(
+        SimpleNamespace(lr=1e-3, warmup_steps=warmup, lr_decay=decay), step, 100)
+    assert [lr(s) for s in (0, 50, 80)] == [1e-3] * 3           # constant until the last 20 of 100 steps
+    assert lr(90) == pytest.approx(0.5e-3) and lr(99) == pytest.approx(0.05e-3) and lr(100) == 0.0
+    assert lr(0, warmup=10) == pytest.approx(1e-4) and lr(9, warmup=10) == 1e-3
+    assert lr(95, warmup=10) == pytest.approx(0.25e-3)
+    assert lr(99, decay=0.0) == 1e-3
+
+
+def test_every_batch_is_full_and_every_image_is_seen_each_epoch():
+    order = torch.randperm(100)
+    filled = train.fill_batches(order, 7, 16)   # 100 images, batch 16: 7 steps, the last filled up
+    assert len(filled) == 7 * 16 and torch.equal(filled[:100], order) and torch.equal(filled[100:], order[:12])
+    assert torch.equal(train.fill_batches(torch.arange(3), 2, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+
+
+@pytest.mark.parametrize('flow_norm', [False, True])
+@pytest.mark.parametrize('amp', [False, True])
+def test_the_model_traces_into_one_graph_forward_and_reverse(amp, flow_norm):
+    """torch.compile sees the whole flow, under --amp's autocast too: no graph breaks either way."""
+    model = RealNVP(img_size=8, flow_norm=flow_norm, **TINY)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+        forward = torch._dynamo.explain(model)(torch.rand(4, 1, 8, 8), validate=False)
+        model.eval()
+        reverse = torch._dynamo.explain(model)(torch.randn(4, 1, 8, 8), reverse=True)
+    for explained in (forward, reverse):
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+def counting_compile(monkeypatch):
+    """torch.compile with a backend that runs each graph as dynamo built it (no C++ compiler needed) and keeps
+    a list of the graphs compiled, which it returns."""
+    import functools
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend=backend))
+    return graphs
+
+
+def test_a_compiled_run_never_recompiles(data_dir, tmp_path, monkeypatch, fresh_dynamo):
+    """Two epochs of 100 images in batches of 16 (the last one filled up) under --compile, through the
+    learning rate's decay: every graph (the net's, the guard's) is compiled in the first step, none after."""
+    graphs, after_step = counting_compile(monkeypatch), []
+
+    def counted_step(*args):
+        result = train_step(*args)
+        after_step.append(len(graphs))
+        return result
+    monkeypatch.setattr(train, 'train_step', counted_step)
+    out = str(tmp_path / 'compiled')
+    assert train.main(['--data-dir', data_dir, '--out-dir', out, '--epochs', '2', '--compile', *TINY_RUN]) == 0
+    assert load(os.path.join(out, 'last.pt'))['state']['step'] == len(after_step) == 14
+    assert after_step[0] >= 2 and after_step == after_step[:1] * 14, after_step
+
+
+def test_the_skip_guard_asks_no_host_and_compiles_to_the_same_steps(monkeypatch, fresh_dynamo):
+    """`SkipGuard` with a fused Adam: its found_inf is one buffer for the whole run. Compiled, the guard takes the
+    same steps as eager, bit for bit, through a changing learning rate and a skipped step; each of its two
+    halves is one graph without breaks (no host sync in them), and no graph is compiled after the first step."""
+    import copy
+    torch.manual_seed(0)
+    eager_model = RealNVP(img_size=4, num_scales=2, flow_norm=True, **TINY)
+    compiled_model = copy.deepcopy(eager_model)
+    graphs = counting_compile(monkeypatch)
+    eager = SkipGuard(make_optimizer(eager_model, 1e-3, 5e-5), 100.0)
+    compiled = SkipGuard(make_optimizer(compiled_model, 1e-3, 5e-5), 100.0, compile=True)
+    found_inf = compiled.optimizer.found_inf
+    g, compiled_after = torch.Generator().manual_seed(0), []
+    for i in range(6):
+        x = torch.rand(8, 1, 4, 4, generator=g)
+        for update, model in ((eager, eager_model), (compiled, compiled_model)):
+            update.set_lr(1e-3 * (1 - i / 6))
+            torch.manual_seed(i)   # the same dequantisation noise
+            loss, bad = train_step(model, update, nan_loss if i == 3 else RealNVPLoss(), x, nullcontext())
+            assert bad.item() == (i == 3)
+        compiled_after.append(len(graphs))
+        for (name, a), b in zip(eager_model.state_dict().items(), compiled_model.state_dict().values()):
+            assert torch.equal(a, b), (i, name)
+        assert compiled.optimizer.found_inf is found_inf and found_inf.item() == (i == 3)
+    assert compiled_after == [2] * 6
+    buffers = list(compiled_model.buffers())
+    for half, inputs in ((compiled._check, (torch.tensor(1.0),)),
+                         (compiled._commit, (torch.tensor(0.0), buffers, [b.clone() for b in buffers]))):
+        explained = torch._dynamo.explain(half)(*inputs)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_a_model_compiled_for_cuda_starts_a_cuda_graph_step_at_every_call(monkeypatch, fresh_dynamo):
+    """Under CUDA graphs each training step must tell torch that the last step's outputs are free: the compiled
+    net does it itself before each call (checked here with dynamo's eager backend on the CPU)."""
+    compile = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda net, mode, dynamic: compile(net, backend='eager', dynamic=dynamic))
+    marks = []
+    monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', lambda: marks.append(1))
+    net = torch.nn.Linear(2, 2)
+    cuda = plumbing.compile_model(net, torch.device('cuda'))
+    for _ in range(3):
+        cuda(torch.randn(1, 2))
+    assert len(marks) == 3
+    plumbing.compile_model(net, torch.device('cpu'))(torch.randn(1, 2))
+    assert len(marks) == 3
+
+
+def test_deterministic_asks_torch_for_deterministic_kernels():
+    try:
+        plumbing.set_determinism(True, torch.device('cuda'))
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        assert os.environ['CUBLAS_WORKSPACE_CONFIG']
+        plumbing.set_determinism(False, torch.device('cuda'))
+        assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+    finally:
+        plumbing.set_determinism(False, torch.device('cpu'))
+    assert not torch.backends.cudnn.benchmark
+
+
+def test_native_bf16_reads_the_hardware(monkeypatch):
+    for amx, avx, expected in [(True, False, 'AMX'), (False, True, 'AVX-512 BF16'), (False, False, None)]:
+        monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: amx)
+        monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: avx)
+        native, why = plumbing.native_bf16('cpu')
+        assert native == (expected is not None) and (expected is None or expected in why)
+    monkeypatch.delattr(torch.cpu, '_is_amx_tile_supported')   # a torch without the check: no
+    assert plumbing.native_bf16('cpu')[0] is False
+    assert plumbing.native_bf16('mps')[0] is False
+
+
+@pytest.mark.parametrize('native', [True, False])
+def test_amp_is_on_by_default_exactly_where_bf16_is_native(monkeypatch, native):
+    monkeypatch.setattr(plumbing, 'native_bf16', lambda device: (native, 'a test CPU'))
+    parse = lambda *flags: train.parse_args(['--device', 'cpu', *flags])[0].amp
+    assert parse() is native
+    assert parse('--amp') is True and parse('--no-amp') is False
+
+
+def test_digits_are_a_set_and_epochs_0_says_nothing_was_saved(data_dir, tmp_path, capsys):
+    args, _, _ = train.parse_args(['--digits', '2', '0', '2'])
+    assert args.digits == [0, 2]
+    out = str(tmp_path / 'zero')
+    assert train.main(['--data-dir', data_dir, '--out-dir', out, '--epochs', '0', *TINY_RUN]) == 0
+    assert 'trains nothing; no checkpoint written' in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(out, 'last.pt'))
+
+
+
+def test_recipes_are_complete_and_flags_override_single_settings():
+    """Each recipe gives every setting it names (the model's included); a flag given overrides that one alone."""
+    default = train.parse_args(['--device', 'cpu'])[0]
+    assert default.recipe == 'default'
+    assert {k: getattr(default, k) for k in train.RECIPES['default']} == train.RECIPES['default']
+    lecture = train.parse_args(['--device', 'cpu', '--recipe', 'lecture', '--lr', '3e-4'])[0]
+    assert {k: getattr(lecture, k) for k in train.RECIPES['lecture']} == {**train.RECIPES['lecture'], 'lr': 3e-4}
+    assert plumbing.config_from_args(lecture) == RealNVPConfig.lecture()
+    assert train.RECIPES['default'].keys() == train.RECIPES['lecture'].keys()
+
+
+def test_abbreviated_flags_are_refused():
+    for script_name in ('train', 'sample', 'evaluate', 'bench'):
+        parser = __import__(script_name).build_parser()
+        flag = {'train': '--epoch', 'sample': '--temp', 'evaluate': '--dequant', 'bench': '--step'}[script_name]
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([flag, '3'])
+        assert exit_info.value.code == 2, script_name
+
+
+# multi-process training (torchrun, gloo on the CPU) and the benchmark script
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_agree_and_write_a_usable_checkpoint(data_dir, tmp_path):
+    out = str(tmp_path / 'ddp')
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', **OFFLINE}
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                             os.path.join(HERE, 'train.py'), '--data-dir', data_dir, '--out-dir', out,
+                             '--epochs', '1', *TINY_RUN], capture_output=True, text=True, timeout=300, env=env,
+                            cwd=HERE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'weights identical across 2 ranks' in result.stdout
+    assert '2 process(es)' in result.stdout
+    ckpt = load(os.path.join(out, 'last.pt'))
+    assert ckpt['world_size'] == 2 and len(ckpt['rng']) == 2
+    assert ckpt['state']['step'] == 7   # 100 images, 2 ranks x 8 = 16 a step
+    evaluated = script('evaluate.py', '--ckpt', os.path.join(out, 'best.pt'), '--data-dir', data_dir, '--json')
+    assert evaluated.returncode == 0, evaluated.stderr
+    # the same model on the same test images; only the dequantisation draws differ (Monte Carlo noise)
+    assert abs(json.loads(evaluated.stdout)['bpd'] - ckpt['state']['best_bpd']) < 0.05
+    sampled = script('sample.py', '--ckpt', os.path.join(out, 'best.pt'), '--n', 4, '--out', tmp_path / 's.png')
+    assert sampled.returncode == 0, sampled.stderr
+    assert os.path.isfile(tmp_path / 's.png')
+
+
