@@ -307,6 +307,8 @@ def measure_lecture(args, config, device, train):
 def benchmark(args):
     device = P.pick_device(args.device)
     config = P.config_from_args(args)
+    P.check_memory(P.memory_needed(config, args.batch_size, args.batch_size), f'a training step of {args.batch_size} '
+                   f'images', 'a smaller --batch-size')
     result = dict(config=vars(args) | {'device': str(device), 'threads': torch.get_num_threads()},
                   **measure_flops(config))
     if args.flops_only:
@@ -381,9 +383,14 @@ def read_json(path):
 def summarize(folder):
     """gpu_check.sh's stages in DIR: {stage: exit code and seconds}, versions, images/s and the ratios to the
     lecture's fp32 code, compile time, kernels per step, the run's wall time and test bpd. Missing parts: None."""
-    with open(os.path.join(folder, 'stages.tsv')) as f:
-        rows = [line.rstrip('\n').split('\t') for line in f][1:]
-    stages = {name: dict(exit=int(rc), seconds=float(seconds), limit=int(limit)) for name, rc, seconds, limit in rows}
+    path = os.path.join(folder, 'stages.tsv')
+    try:
+        with open(path) as f:
+            rows = [line.rstrip('\n').split('\t') for line in f][1:]
+        stages = {name: dict(exit=int(rc), seconds=float(seconds), limit=int(limit)) for name, rc, seconds, limit in rows}
+    except (OSError, ValueError, UnicodeDecodeError):   # a short row is a ValueError too (unpacking)
+        raise ValueError(f'--summarize {folder}: {path} is not a stages.tsv of gpu_check.sh (a row is cut short or '
+                         f'not numbers)') from None
     runs = {name: read_json(os.path.join(folder, f'bench_{name}.out')) for name in ('fp32', 'amp', 'compiled')}
     lecture = (runs['fp32'] or {}).get('lecture_train_images_per_s')
     evaluation = read_json(os.path.join(folder, 'evaluate.out')) or {}
@@ -399,8 +406,7 @@ def summarize(folder):
     summary['train_finished'] = stages.get('train', {}).get('exit') == 0
     summary['test_bpd'], summary['test_bpd_stderr'] = evaluation.get('bpd'), evaluation.get('stderr')
     summary['evaluated_step'] = evaluation.get('step')
-    with open(os.path.join(folder, 'summary.json'), 'w') as f:
-        json.dump(summary, f, indent=1)
+    P.write_atomically(json.dumps(summary, indent=1).encode(), os.path.join(folder, 'summary.json'))
     return summary
 
 
@@ -426,7 +432,10 @@ def main(argv=None):
     if args.summarize:
         if not os.path.isfile(os.path.join(args.summarize, 'stages.tsv')):
             parser.error(f'--summarize {args.summarize}: no stages.tsv there (gpu_check.sh writes it)')
-        summary = summarize(args.summarize)
+        try:
+            summary = summarize(args.summarize)
+        except ValueError as e:   # P.CheckpointError too: summary.json could not be written
+            parser.error(str(e))
         print_summary(summary)
         return 0 if all(stage['exit'] == 0 for stage in summary['stages'].values()) else 1
     if args.num_threads:

@@ -98,6 +98,31 @@ def script(name, *args, timeout=300):
                           text=True, timeout=timeout, env=env, cwd=HERE)
 
 
+def run_main(name, args, monkeypatch, capsys):
+    """A script's main(args) run in this process, offline, as a CompletedProcess (exit code, stdout, stderr): what
+    the command line gets, without the interpreter's start-up. An exception that escapes main is a traceback on
+    the command line, and fails the test here."""
+    import importlib
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    threads = torch.get_num_threads()
+    args = [str(a) for a in args]
+    try:
+        code = importlib.import_module(name.removesuffix('.py')).main(args)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess([name, *args], code or 0, captured.out, captured.err)
+
+
+@pytest.fixture
+def in_process(monkeypatch, capsys):
+    """`script`, run in this process (`run_main`)."""
+    return lambda name, *args: run_main(name, args, monkeypatch, capsys)
+
+
 # Runs a script (argv[2:]) in a process that SIGKILLs itself right after the N-th file (argv[1]) that the project
 # writes: every file goes through plumbing.write_atomically, which is wrapped here, from the outside.
 KILL_AFTER_WRITES = """

@@ -11,6 +11,7 @@ dequantisation draws: a lower bound on the discrete log-likelihood that tightens
 """
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -92,10 +93,30 @@ def write_histogram(bpd, path):
 
 
 def write_per_image(labels, bpd, path):
-    with open(path, 'w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow(['index', 'label', 'bpd'])
-        writer.writerows((i, int(label), f'{b:.6f}') for i, (label, b) in enumerate(zip(labels.tolist(), bpd.tolist())))
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator='\n')
+    writer.writerow(['index', 'label', 'bpd'])
+    writer.writerows((i, int(label), f'{b:.6f}') for i, (label, b) in enumerate(zip(labels.tolist(), bpd.tolist())))
+    P.write_atomically(text.getvalue().encode(), path)
+
+
+def output_paths(args, ckpt_path):
+    """{what: path} of the files --worst and --per-image ask for, each checked before the evaluation (exit 2 with
+    one line when it cannot be written)."""
+    paths = {}
+    if args.worst:
+        out_dir = args.out_dir or os.path.dirname(os.path.abspath(ckpt_path))
+        paths['worst_png'] = os.path.join(out_dir, f'worst{args.worst}_{args.split}.png')
+        paths['histogram_png'] = os.path.join(out_dir, f'bpd_hist_{args.split}.png')
+    if args.per_image:
+        paths['per_image_csv'] = args.per_image
+    for key, path in paths.items():
+        try:
+            P.check_output_file(path, '--per-image' if key == 'per_image_csv' else
+                                f'--worst writes {path}' + ('' if args.out_dir else ' (give --out-dir)'))
+        except ValueError as error:
+            P.die('evaluate.py', error, 2)
+    return paths
 
 
 def main(argv=None):
@@ -104,6 +125,12 @@ def main(argv=None):
     if args.breakdown and args.dequant_samples > 1:
         parser.error('--breakdown splits one dequantisation draw; drop --dequant-samples')
     model, ckpt, ckpt_path = P.open_checkpoint('evaluate.py', args)
+    paths = output_paths(args, ckpt_path)
+    try:
+        P.check_memory(P.memory_needed(model.config, eval_batch=args.batch_size * args.dequant_samples),
+                       f'evaluating {args.batch_size} images at a time', 'a smaller --batch-size')
+    except ValueError as error:
+        P.die('evaluate.py', error, 2)
     try:
         data = P.checkpoint_dataset(ckpt, train=args.split == 'train', data_dir=args.data_dir)
     except (ValueError, DataNotFoundError) as e:
@@ -118,29 +145,28 @@ def main(argv=None):
     else:
         bpd = per_image_bpd(model, images, args.batch_size, args.dequant_samples)
     result = dict(bpd=bpd.mean().item(), stderr=standard_error(bpd), worst_bpd=bpd.max().item(), split=args.split,
-                  images=len(images), dequant_samples=args.dequant_samples, ckpt=ckpt_path, epoch=ckpt.get('state', {}).get('epoch'),
-                  step=ckpt.get('state', {}).get('step'))
+                  images=len(images), dequant_samples=args.dequant_samples, ckpt=ckpt_path,
+                  epoch=ckpt.get('state', {}).get('epoch'), step=ckpt.get('state', {}).get('step'))
     if terms:
         result['breakdown'] = terms
-    result.update(write_outputs(args, ckpt_path, images, labels, bpd))
+    try:
+        result.update(write_outputs(paths, images, labels, bpd, args.worst))
+    except P.CheckpointError as error:   # a full disk: the files there before are untouched
+        P.die('evaluate.py', error)
     report(args, result)
     return 0
 
 
-def write_outputs(args, ckpt_path, images, labels, bpd):
-    """The files that --worst and --per-image ask for; {what: path}."""
-    written = {}
-    if args.worst:
-        out_dir = args.out_dir or os.path.dirname(os.path.abspath(ckpt_path))
-        os.makedirs(out_dir, exist_ok=True)
-        written['worst_png'] = os.path.join(out_dir, f'worst{args.worst}_{args.split}.png')
-        order = write_worst(images, bpd, args.worst, written['worst_png'])
-        written['worst_indices'] = order.tolist()
-        written['histogram_png'] = os.path.join(out_dir, f'bpd_hist_{args.split}.png')
-        write_histogram(bpd, written['histogram_png'])
-    if args.per_image:
-        write_per_image(labels, bpd, args.per_image)
-        written['per_image_csv'] = args.per_image
+def write_outputs(paths, images, labels, bpd, worst):
+    """The files of `output_paths`; returns them, with the worst images' indices."""
+    written = dict(paths)
+    if 'worst_png' in paths:
+        os.makedirs(os.path.dirname(paths['worst_png']), exist_ok=True)
+        written['worst_indices'] = write_worst(images, bpd, worst, paths['worst_png']).tolist()
+        write_histogram(bpd, paths['histogram_png'])
+    if 'per_image_csv' in paths:
+        os.makedirs(os.path.dirname(os.path.abspath(paths['per_image_csv'])), exist_ok=True)
+        write_per_image(labels, bpd, paths['per_image_csv'])
     return written
 
 

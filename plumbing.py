@@ -4,61 +4,59 @@ import argparse
 import fcntl
 import hashlib
 import io
+import json
 import math
 import os
 import re
 import signal
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from realnvp import DATASET_CHANNELS, ImageDataset, RealNVP, RealNVPConfig, one_line
+from realnvp import (DATASET_CHANNELS, DataNotFoundError, ImageDataset, RealNVP, RealNVPConfig, WeightAverage,
+                     make_optimizer, one_line)
 
 # -----------------------------------------------------------------------------
 # Command lines: argparse types (a bad value exits 2 with one line), the model's flags
 
 
-def _number(kind, text, ok, what):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'must be {what}, got {text!r}') from None
-    if not ok(value):
-        raise argparse.ArgumentTypeError(f'must be {what}, got {text!r}')
-    return value
+def _argument_type(kind, ok, what):
+    """An argparse type: `kind(text)`, which must satisfy `ok`; else one line saying it must be `what`."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f'must be {what}, got {text!r}')
+        return value
+    return parse
 
 
-def positive_int(text):
-    return _number(int, text, lambda v: v >= 1, 'a positive integer')
-
-
-def non_negative_int(text):
-    return _number(int, text, lambda v: v >= 0, 'zero or a positive integer')
-
-
-def positive_float(text):
-    return _number(float, text, lambda v: v > 0 and math.isfinite(v), 'a positive number')
-
-
-def non_negative_float(text):
-    return _number(float, text, lambda v: v >= 0 and math.isfinite(v), 'zero or a positive number')
-
-
-def unit_interval(text):
-    return _number(float, text, lambda v: 0.0 <= v < 1.0, 'a number in [0, 1)')
-
-
-def seed(text):
-    return _number(int, text, lambda v: 0 <= v < 2 ** 63, 'an integer from 0 to 2^63 - 1')
+positive_int = _argument_type(int, lambda v: v >= 1, 'a positive integer')
+non_negative_int = _argument_type(int, lambda v: v >= 0, 'zero or a positive integer')
+positive_float = _argument_type(float, lambda v: 0 < v < math.inf, 'a positive number')
+non_negative_float = _argument_type(float, lambda v: 0 <= v < math.inf, 'zero or a positive number')
+unit_interval = _argument_type(float, lambda v: 0.0 <= v < 1.0, 'a number in [0, 1)')
+seed = _argument_type(int, lambda v: 0 <= v < 2 ** 32, 'an integer from 0 to 2^32 - 1')   # x 1,000,003 fits 2^63
 
 
 def die(prog, error, code=1):
     """Print `prog: error: <one line>` to stderr and exit with `code`."""
     print(f'{prog}: error: {error}', file=sys.stderr)
     sys.exit(code)
+
+
+def given_flags(build_parser, argv):
+    """The dests of the flags written on `argv`: parsed once more by a new `build_parser()` whose every default is
+    replaced by a marker (with allow_abbrev=False, only whole flags count)."""
+    probe, unset = build_parser(), object()
+    probe.set_defaults(**dict.fromkeys(vars(probe.parse_args([])), unset))
+    return {dest for dest, value in vars(probe.parse_args(argv)).items() if value is not unset}
 
 
 def model_flags(config):
@@ -155,6 +153,37 @@ def compile_model(net, device):
     return compiled
 
 
+def check_output_file(path, what, extensions=None):
+    """Raise a one-line ValueError unless a file can be written at `path` (checked before the work that makes it):
+    not a folder, one of `extensions` if given, a name that fits, in a folder that is or can be made writable."""
+    if os.path.isdir(path):
+        raise ValueError(f'{what}: {path} is a folder; give a file name')
+    if extensions and os.path.splitext(path)[1].lower() not in extensions:
+        raise ValueError(f'{what}: {path} needs one of the extensions {", ".join(extensions)}')
+    check_writable_folder(path, what)   # the file's own name, and its folder
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ValueError(f'{what}: {path} is not writable')
+
+
+def memory_needed(config, train_batch=0, eval_batch=0):
+    """Bytes (fp32, a rough upper estimate) that a model of `config` needs: its weights (counted on the meta device,
+    nothing allocated), five times over when training (the gradient, Adam's two moments, the weight average); what a
+    training step of `train_batch` images keeps for its backward pass (each coupling's s/t ResNet keeps about 6 maps
+    per residual block and 8 more); and the largest maps a forward pass without gradients holds at once for
+    `eval_batch` images (evaluation, sampling)."""
+    with torch.device('meta'):
+        params = sum(p.numel() for p in RealNVP(config).parameters())
+    maps, widest, pixels, mid = 0, 0, config.img_size ** 2, config.mid_channels
+    for scale in range(config.num_scales):   # channels x pixels of every coupling's s/t net, scale by scale
+        last = scale == config.num_scales - 1
+        maps += (4 if last else 3) * mid * pixels + (0 if last else 3 * 2 * mid * pixels // 4)
+        widest = max(widest, mid * pixels)
+        pixels, mid = pixels // 4, 2 * mid
+    training = train_batch * (6 * config.num_blocks + 8) * maps
+    forward = eval_batch * (12 * widest + 16 * config.in_channels * config.img_size ** 2)
+    return 4 * (params * (5 if train_batch else 1) + training + forward)
+
+
 def check_memory(needed, what, advice):
     """Raise a one-line ValueError when `needed` bytes would not fit in 90% of this machine's memory."""
     try:
@@ -168,8 +197,11 @@ def check_memory(needed, what, advice):
 
 def check_writable_folder(folder, what):
     """Raise a one-line ValueError unless `folder` is, or can be created as, a folder this process can write in:
-    its nearest existing ancestor must be a writable folder, not a file."""
+    every name in it fits the file system, and its nearest existing ancestor is a writable folder, not a file."""
     path = os.path.abspath(folder)
+    long = [name for name in path.split(os.sep) if len(name.encode()) > 255]
+    if long:
+        raise ValueError(f'{what}: the name {long[0][:40]}... is longer than the 255 bytes a file name can have')
     while not os.path.exists(path):
         path = os.path.dirname(path)
     if not os.path.isdir(path):
@@ -182,6 +214,7 @@ def check_writable_folder(folder, what):
 # Files: one atomic writer, checkpoints, pictures
 
 CHECKPOINT_FORMAT = 2   # the layout train.py writes; a checkpoint of another format is refused
+TMP_MARK = '.realnvp-tmp'   # temporaries are <file>.realnvp-tmp<pid>: the only files the project ever removes
 
 
 class CheckpointError(ValueError):
@@ -192,7 +225,7 @@ def write_atomically(data, path):
     """Write bytes through a temporary file beside `path`, flushed to disk (file and folder) before the rename:
     a crash or a power cut never leaves half a file, and a failed write (a full disk) leaves the old file as it
     was and no temporary behind."""
-    tmp = f'{path}.tmp{os.getpid()}'
+    tmp = f'{path}{TMP_MARK}{os.getpid()}'
     try:
         with open(tmp, 'wb') as f:
             f.write(data)
@@ -207,7 +240,8 @@ def write_atomically(data, path):
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise CheckpointError(f'could not write {path}: {e.strerror or e}; the file there before is untouched') from None
+        raise CheckpointError(f'could not write {path}: {e.strerror or e}; the file there before is '
+                              f'untouched') from None
 
 
 def checkpoint_bytes(obj):
@@ -280,6 +314,8 @@ def state_dict_mismatch(model, state):
 def load_checkpoint(path, device='cpu'):
     """(model in eval mode on `device`, checkpoint dict) from a file written by train.py: the one reader of
     checkpoints, for --resume, sample.py and evaluate.py. Anything wrong with it is one CheckpointError."""
+    if os.path.isdir(path):
+        raise CheckpointError(f'{path} is a folder; give the path of a checkpoint in it (its last.pt or best.pt)')
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path} not found; give the path of a best.pt or last.pt from train.py')
     try:
@@ -293,7 +329,9 @@ def load_checkpoint(path, device='cpu'):
         raise CheckpointError(f'{path} is a checkpoint of format {ckpt.get("format", 1)}, and this version of '
                               f'train.py reads format {CHECKPOINT_FORMAT} only; train it again with this version')
     try:
-        model = RealNVP(RealNVPConfig(**ckpt['config']))
+        config = RealNVPConfig(**ckpt['config'])
+        check_memory(memory_needed(config), f'the model in {path}', 'another checkpoint')
+        model = RealNVP(config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f'the config in {path} cannot build a model: {one_line(e, 0)}') from None
     mismatch = state_dict_mismatch(model, ckpt['model'])
@@ -315,6 +353,49 @@ def open_checkpoint(prog, args):
         return (*load_checkpoint(path, pick_device(args.device)), path)
     except ValueError as e:
         die(prog, e)
+
+
+def restore(ckpt, model, average, optimizer, rank, device):
+    """Load a checkpoint's trained weights and weight average, optimizer and this rank's RNG; returns its training
+    state (TrainState's fields), with the epoch's totals so far on rank 0 alone: they are saved summed over the
+    ranks."""
+    model.load_state_dict(ckpt['train_model'])
+    average.model.load_state_dict(ckpt['model'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    if [len(g['params']) for g in ckpt['optimizer']['param_groups']] != [len(g['params'])
+                                                                         for g in optimizer.param_groups]:
+        raise ValueError('its optimizer groups are not the model\'s')
+    rng = ckpt['rng'][min(rank, len(ckpt['rng']) - 1)]   # a run resumed on fewer processes takes rank 0's
+    torch.set_rng_state(rng['cpu'])
+    if device.type == 'cuda' and rng['cuda'] is not None:
+        torch.cuda.set_rng_state(rng['cuda'], device)
+    state = dict(ckpt['state'])
+    if not all(isinstance(value, (int, float)) for value in state.values()):
+        raise TypeError('its training state holds values that are not numbers')
+    if rank > 0:
+        state['epoch_loss'] = state['epoch_count'] = 0.0
+    return state
+
+
+def check_resumable(ckpt, model, path, flags, recipes):
+    """A one-line ValueError unless everything a resume takes from `ckpt` is there: the flags in `flags` ({name:
+    a value of the type it has, or None for a list of ints or None}), a recipe of `recipes`, and what `restore`
+    loads (tried on a copy of the model), with finite values."""
+    try:
+        for key, example in flags.items():
+            value = ckpt['args'][key]
+            if (not isinstance(value, type(example)) if example is not None else
+                    not (value is None or isinstance(value, list) and all(isinstance(v, int) for v in value))):
+                raise TypeError(f'its flag {key} is {value!r}')
+        if ckpt['args']['recipe'] not in recipes or not isinstance(ckpt['run_id'], str):
+            raise ValueError('its recipe or run id is not one of this version')
+        restore(ckpt, model, WeightAverage(model, 0.0), make_optimizer(model, 1e-3, 0.0), 0, torch.device('cpu'))
+        bad = non_finite_tensor({k: ckpt[k] for k in ('train_model', 'optimizer')})
+        if bad is not None:
+            raise ValueError(f'{bad} holds NaN or infinite values')
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(f'{path} cannot be resumed: {one_line(e)}; sample.py and evaluate.py can use its '
+                              f'weights, or start a new run') from None
 
 
 def checkpoint_dataset(ckpt, train=False, data_dir=None):
@@ -349,93 +430,66 @@ def find_checkpoint(runs_dir='runs'):
 
 
 # -----------------------------------------------------------------------------
-# Processes: one, or several under torchrun
+# Processes: one, or several under torchrun; the run's data on each
 
 
 class Dist:
-    """One process: rank 0 of 1, and every collective is the identity. `Dist.start` returns the
-    multi-process `TorchDist` under torchrun, so the training code never asks how many processes there are."""
+    """The processes of a run: one (rank 0 of 1, every collective the identity), or several started by torchrun
+    (gloo on the CPU, NCCL on CUDA, one GPU a process). The training code never asks how many there are."""
 
-    def __init__(self, device):
-        self.rank, self.world, self.device = 0, 1, device
-        self.sync_every = 1  # steps between stop checks; one process checks its own flag every step
-
-    @staticmethod
-    def start(device, log_every):
-        return TorchDist(device, log_every) if int(os.environ.get('WORLD_SIZE', '1')) > 1 else Dist(device)
+    def __init__(self, device, log_every):
+        self.rank, self.world, self.device = 0, int(os.environ.get('WORLD_SIZE', '1')), device
+        self.sync_every = 1   # steps between stop checks: one process checks its own flag every step
+        if self.world > 1:
+            if device.type == 'cuda':
+                self.device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                                    device_id=self.device if device.type == 'cuda' else None)
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            self.sync_every = log_every  # agreeing on a stop costs an all-reduce and a host sync
 
     def all_reduce(self, tensor, op='sum'):
+        if self.world > 1:
+            dist.all_reduce(tensor, op={'sum': dist.ReduceOp.SUM, 'max': dist.ReduceOp.MAX}[op])
         return tensor
 
     def reduce_max(self, tensor):
         return self.all_reduce(tensor, 'max')
 
     def any(self, flag):
-        return flag
+        return flag if self.world == 1 else self.reduce_max(torch.tensor(float(flag), device=self.device)).item() > 0
 
     def broadcast(self, obj):
-        return obj
+        holder = [obj]
+        if self.world > 1:
+            dist.broadcast_object_list(holder, src=0)
+        return holder[0]
 
     def gather(self, obj):
-        return [obj]
+        out = [obj] * self.world
+        if self.world > 1:
+            dist.all_gather_object(out, obj)
+        return out
 
     def shard(self, tensor):
         return tensor[self.rank::self.world]
 
     def wrap(self, model):
-        return model
-
-    def average_buffers(self, model):
-        pass
-
-    def check_ranks_agree(self, model, log):
-        pass
-
-    def close(self):
-        pass
-
-
-class TorchDist(Dist):
-    """Several processes started by torchrun: gloo on the CPU, NCCL on CUDA (one GPU a process)."""
-
-    def __init__(self, device, log_every):
-        super().__init__(device)
-        if device.type == 'cuda':
-            self.device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
-            torch.cuda.set_device(self.device)
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
-                                device_id=self.device if device.type == 'cuda' else None)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.sync_every = log_every  # agreeing on a stop costs an all-reduce and a host sync
-
-    def all_reduce(self, tensor, op='sum'):
-        dist.all_reduce(tensor, op={'sum': dist.ReduceOp.SUM, 'max': dist.ReduceOp.MAX}[op])
-        return tensor
-
-    def any(self, flag):
-        return self.all_reduce(torch.tensor(float(flag), device=self.device), 'max').item() > 0
-
-    def broadcast(self, obj):
-        holder = [obj]
-        dist.broadcast_object_list(holder, src=0)
-        return holder[0]
-
-    def gather(self, obj):
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def wrap(self, model):
+        if self.world == 1:
+            return model
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
 
     def average_buffers(self, model):
         """Average the batch-norm running statistics over the ranks: each saw only its own batches."""
-        for buffer in model.buffers():
+        for buffer in model.buffers() if self.world > 1 else []:
             if buffer.is_floating_point():
                 dist.all_reduce(buffer, op=dist.ReduceOp.AVG)
 
     def check_ranks_agree(self, model, log):
         """Every rank must hold the same weights and statistics: compare digests, say so in the log."""
+        if self.world == 1:
+            return
         digest = hashlib.sha256()
         for value in model.state_dict().values():
             digest.update(value.detach().cpu().contiguous().numpy().tobytes())
@@ -446,7 +500,33 @@ class TorchDist(Dist):
             log(f'warning: the {self.world} ranks ended with different weights ({", ".join(d[:12] for d in digests)})')
 
     def close(self):
-        dist.destroy_process_group()
+        if self.world > 1:
+            dist.destroy_process_group()
+
+
+@dataclass
+class Data:
+    """The data as uint8 on the device: the whole training split, and this process's share of the test split."""
+    train: torch.Tensor
+    test: torch.Tensor
+    n_test: int        # images in the whole test split
+    fingerprint: dict  # sizes and a hash of both splits, kept in checkpoints: a resume must see the same data
+
+
+def load_run_data(args, dist, ckpt):
+    """The run's data on the device; missing, empty or (on --resume) other data exits 1 with one line."""
+    try:
+        train_set, test_set = (ImageDataset(args.dataset, args.data_dir, train=train, img_size=args.image_size,
+                                            digits=args.digits) for train in (True, False))
+    except (DataNotFoundError, ValueError) as e:
+        die('train.py', e)
+    fingerprint = data_fingerprint(train_set.images, test_set.images)
+    if ckpt is not None and ckpt['data'] != fingerprint:
+        die('train.py', f'the data in {args.data_dir} ({fingerprint["train"]} train, {fingerprint["test"]} test '
+                          f'images) are not the data this run trained on ({ckpt["data"]["train"]} train, '
+                          f'{ckpt["data"]["test"]} test images, another hash); point --data-dir at those')
+    return Data(train=train_set.images.to(dist.device), test=dist.shard(test_set.images).to(dist.device),
+                n_test=len(test_set), fingerprint=fingerprint)
 
 
 class Interrupt:
@@ -470,60 +550,103 @@ class Interrupt:
 # The run folder
 
 
+METRICS_COLUMNS = ('epoch', 'step', 'train_bpd', 'test_bpd', 'skipped_steps', 'seconds', 'images_per_s')
+
+def folder_owner(out_dir):
+    """The run id of the run a folder belongs to (its config.json's), or None for a folder that is not there or
+    holds nothing but a lock. A folder with anything else in it and no config.json of train.py is refused."""
+    if not os.path.isdir(out_dir):
+        return None
+    names = [n for n in os.listdir(out_dir) if n != '.lock']
+    try:
+        with open(os.path.join(out_dir, 'config.json')) as f:
+            return str(json.load(f)['run_id'])
+    except (OSError, ValueError, KeyError, TypeError):
+        if names:
+            raise ValueError(f'{out_dir} holds files that are not a run of train.py (e.g. {sorted(names)[0]}); pass '
+                             f'another --out-dir') from None
+        return None
+
+
 def check_run_folder(out_dir, ckpt, resume):
-    """A run folder holds one run: a new run only starts in a folder without checkpoints, and a resumed run only
-    writes into its own folder, never over a newer last.pt. A resume into a new folder branches: a new run."""
-    last = os.path.join(out_dir, 'last.pt')
-    held = [n for n in ('last.pt', 'best.pt') if os.path.exists(os.path.join(out_dir, n))]
+    """One run per folder, and nothing of it overwritten. Returns the run id of the checkpoint's run when it is
+    resumed in its own folder; None when this start is a new run (a fresh start or a branch from `ckpt`).
+
+    A new run starts in an empty folder, or one whose run saved no checkpoint (it is restarted); a resume writes
+    only into its own run's folder (its config.json names the run), never over a newer last.pt; a resume into
+    an empty or new folder branches. Raises a one-line ValueError with a way forward that works."""
+    owner = folder_owner(out_dir)
+    held = [n for n in ('last.pt', 'best.pt') if os.path.isfile(os.path.join(out_dir, n))]
+    for name in ('last.pt', 'best.pt'):
+        if os.path.exists(os.path.join(out_dir, name)) and name not in held:
+            raise ValueError(f'{os.path.join(out_dir, name)} is not a file, so no checkpoint can be written there; '
+                             f'move it away')
     if ckpt is None:
-        if held:
-            raise ValueError(f'{out_dir} already holds {held[0]}; pass --resume '
-                             f'{os.path.join(out_dir, held[0])} to continue it, or another --out-dir')
-        return
-    if not held:
-        return  # a branch into a fresh folder
-    if not os.path.exists(last):
-        raise ValueError(f'{out_dir} holds best.pt but no last.pt: another run\'s folder; pass another --out-dir')
-    if os.path.samefile(last, resume):
-        return  # the folder's own newest checkpoint
-    _, theirs = load_checkpoint(last)
-    if theirs.get('run_id') != ckpt['run_id']:
-        raise ValueError(f'{out_dir} holds another run (id {theirs.get("run_id")}) than {resume} '
-                         f'(id {ckpt["run_id"]}); resume into the checkpoint\'s own folder, or branch with a new '
-                         f'--out-dir')
-    if theirs['state']['step'] > ckpt['state']['step']:
-        raise ValueError(f'{last} is at step {theirs["state"]["step"]}, past {resume} (step '
-                         f'{ckpt["state"]["step"]}); resuming would overwrite it: to branch from this checkpoint pass '
-                         f'a new --out-dir')
-
-
+        if owner is not None and held:
+            raise ValueError(f'{out_dir} holds run {owner}; continue it with --resume '
+                             f'{os.path.join(out_dir, held[0])}, or pass another --out-dir')
+        return None
+    if owner is None:
+        return None
+    if owner != ckpt['run_id']:
+        raise ValueError(f'{out_dir} holds run {owner}, not the run of {resume} ({ckpt["run_id"]}); resume into that '
+                         f'run\'s own folder, or branch into a new --out-dir')
+    last = os.path.join(out_dir, 'last.pt')
+    if 'last.pt' in held and not os.path.samefile(last, resume):
+        try:
+            theirs = load_checkpoint(last)[1]['state']['step']
+        except (CheckpointError, KeyError, TypeError):
+            theirs = -1   # a damaged last.pt: resuming from the run's best.pt is the way back
+        if theirs > ckpt['state']['step']:
+            raise ValueError(f'{last} is at step {theirs}, past {resume} (step {ckpt["state"]["step"]}); resuming '
+                             f'would overwrite it: to branch from this checkpoint pass a new --out-dir')
+    return owner
 
 
 class RunFolder:
     """The folder of one training run. Only rank 0 writes; every other rank gets one that writes nothing.
 
-    Rank 0 creates the folder and holds an exclusive lock on it for the run's lifetime (the kernel drops it when
-    the process ends, however it ends): a second training into the same folder exits with one line. Every file
-    goes through `write_atomically`, so a crash leaves each one whole, old or new."""
+    Every file goes through `write_atomically`, so a crash leaves each one whole, old or new; config.json, which
+    names the run, is written first, and last.pt, the commit point of an epoch, last."""
 
     def __init__(self, out_dir, active):
         self.dir, self.active = out_dir, active
-        if not active:
-            return
-        os.makedirs(out_dir, exist_ok=True)
-        self.lock = open(self.path('.lock'), 'a+')
+
+    def take(self, ckpt, resume, record):
+        """Rank 0 takes the folder for the run `record` (config.json's content) describes: creates it, locks it for
+        the run's lifetime (the kernel drops the lock when the process ends, however it ends), checks it again under
+        the lock (another run may have written there since the flags were read), removes the temporaries of a
+        process that died mid-write (only the project's own), and writes config.json unless it names this run
+        already. Returns None, or why the folder cannot be taken: one line, for every rank to exit with."""
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            self.lock = open(self.path('.lock'), 'a+')
+        except OSError as e:
+            return f'cannot use {self.dir} as the run folder: {e.strerror or e}; pass another --out-dir'
         try:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.lock.seek(0)
-            die('train.py', f'{out_dir} is in use by another training (pid {self.lock.read().strip() or "?"}); '
-                            f'wait for it to end, or pass another --out-dir')
-        self.lock.truncate(0)
-        self.lock.write(f'{os.getpid()}\n')
-        self.lock.flush()
-        for name in os.listdir(out_dir):   # temporaries of a process that died mid-write (we hold the lock)
-            if re.fullmatch(r'.+\.tmp\d+', name):
-                os.remove(self.path(name))
+            return (f'{self.dir} is in use by another training (pid {self.lock.read().strip() or "?"}); wait for it '
+                    f'to end, or pass another --out-dir')
+        try:
+            self.lock.truncate(0)
+            self.lock.write(f'{os.getpid()}\n')
+            self.lock.flush()
+            check_run_folder(self.dir, ckpt, resume)
+            for name in os.listdir(self.dir):
+                if re.fullmatch(r'.+' + re.escape(TMP_MARK) + r'\d+', name):
+                    os.remove(self.path(name))
+            if folder_owner(self.dir) != record['run_id']:
+                self.write('config.json', json.dumps(record, indent=2))
+        except (OSError, ValueError) as e:   # CheckpointError too: a full disk
+            return str(e) if isinstance(e, ValueError) else f'cannot write in {self.dir}: {e.strerror or e}'
+        return None
+
+    def close(self):
+        """Let the folder go: the lock is dropped (as it is, anyway, when the process ends)."""
+        if getattr(self, 'lock', None) is not None:
+            self.lock.close()
 
     def path(self, name):
         return os.path.join(self.dir, name)
@@ -531,8 +654,12 @@ class RunFolder:
     def log(self, message):
         if self.active:
             tqdm.write(message)
-            with open(self.path('train.log'), 'a') as f:
-                f.write(message + '\n')
+            try:
+                with open(self.path('train.log'), 'a') as f:
+                    f.write(message + '\n')
+            except OSError as e:
+                raise CheckpointError(f'could not write {self.path("train.log")}: {e.strerror or e}; the files there '
+                                      f'before are untouched') from None
 
     def write(self, name, data):
         """Write bytes (or a str) as the file `name`, atomically."""
@@ -544,16 +671,19 @@ class RunFolder:
             save_grid(images, self.path(name))
 
     def read_metrics(self, upto_epoch):
-        """The rows of metrics.csv up to `upto_epoch` (rows past it belong to epochs a resume redoes)."""
+        """The rows of metrics.csv up to `upto_epoch` (rows past it belong to epochs a resume redoes); a file
+        that is not train.py's, with METRICS_COLUMNS, exits with one line before anything is trained."""
         path = self.path('metrics.csv')
         if not self.active or not os.path.isfile(path):
             return []
         try:
             with open(path) as f:
                 lines = [line.rstrip('\n').split(',') for line in f if line.strip()]
-            rows = [dict(zip(lines[0], line, strict=True)) for line in lines[1:]]
+            if tuple(lines[0]) != METRICS_COLUMNS:
+                raise ValueError('other columns')
+            rows = [dict(zip(METRICS_COLUMNS, line, strict=True)) for line in lines[1:]]
             return [row for row in rows if int(row['epoch']) <= upto_epoch]
-        except (KeyError, ValueError, IndexError, UnicodeDecodeError):
+        except (ValueError, IndexError, UnicodeDecodeError, OSError):
             die('train.py', f'{path} is not a metrics file of train.py; move it away to resume (a new one is '
                             f'written from this point on)')
 
@@ -561,9 +691,8 @@ class RunFolder:
         """metrics.csv, and curves.png: the train and test bpd of each epoch."""
         if not self.active:
             return
-        columns = list(rows[0])
-        self.write('metrics.csv', '\n'.join([','.join(columns)] + [','.join(str(r[c]) for c in columns)
-                                                                   for r in rows]) + '\n')
+        self.write('metrics.csv', '\n'.join([','.join(METRICS_COLUMNS)] + [','.join(str(r[c]) for c in METRICS_COLUMNS)
+                                                                           for r in rows]) + '\n')
         fig, ax = pyplot().subplots(figsize=(5, 3.5))
         epochs = [int(r['epoch']) for r in rows]
         ax.plot(epochs, [float(r['train_bpd']) for r in rows], 'o-', label='train')

@@ -329,16 +329,6 @@ class RealNVPConfig:
                              f'halves it, so it must be a multiple of {factor} and at least {2 * factor} '
                              f'(e.g. {sizes}, ...)')
 
-    def activation_bytes(self, batch_size):
-        """A rough estimate of what a training step keeps for its backward pass (fp32): each coupling's s/t ResNet
-        keeps about 6 tensors per residual block and 8 more, of its channels times its pixels."""
-        per_image, pixels, mid = 0, self.img_size ** 2, self.mid_channels
-        for scale in range(self.num_scales):
-            last = scale == self.num_scales - 1
-            per_image += (4 if last else 3) * mid * pixels + (0 if last else 3 * 2 * mid * pixels // 4)
-            pixels, mid = pixels // 4, 2 * mid
-        return 4 * batch_size * (6 * self.num_blocks + 8) * per_image
-
 
 class Scale(nn.Module):
     """One scale: 3 checkerboard couplings, squeeze, 3 channel-wise couplings, unsqueeze, then factor out half
@@ -533,6 +523,8 @@ def nll_per_image(model, images, batch_size=512, dequant_samples=1, terms=False)
     With K = `dequant_samples` > 1 it is the importance-weighted bound -log mean_k p(x + u_k)
     (logsumexp over K dequantisation draws), which is no looser than K = 1."""
     device = next(model.parameters()).device
+    if len(images) == 0:   # a process's share of a split smaller than the processes
+        return {} if terms else torch.zeros(0, device=device)
     loss_fn = RealNVPLoss(reduction='none')
     parts = []
     with in_mode(model, False):
@@ -586,10 +578,13 @@ class WeightAverage:
         self.model = copy.deepcopy(model).requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model, step):
+    def update(self, model, step, bad=None):
+        """One step of the average; `bad` (a 0-dim tensor, 1 for a skipped step) leaves it as it was, without
+        asking the host."""
         d = min(self.decay, (1 + step) / (10 + step))
+        weight = 1.0 - d if bad is None else (1.0 - bad) * (1.0 - d)
         averaged = list(self.model.parameters())
-        torch._foreach_lerp_(averaged, [p.detach() for p in model.parameters()], 1.0 - d)
+        torch._foreach_lerp_(averaged, [p.detach() for p in model.parameters()], weight)
 
 
 def batch_norms(model):

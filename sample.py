@@ -58,20 +58,33 @@ MAX_GRID = 4096  # images in one PNG: a 64x64 grid, 3,600 pixels a side at 14x14
 
 
 def check_args(parser, args):
-    """What argparse cannot check: the grid's size and where it goes (exit 2 with one line)."""
+    """What argparse cannot check: the grid's size, in images and in memory (exit 2 with one line)."""
     count = args.pairs * args.steps if args.interpolate else args.n
     if count > MAX_GRID:
         what = f'--pairs {args.pairs} x --steps {args.steps}' if args.interpolate else f'--n {args.n}'
         parser.error(f'{what} asks for {count} images in one grid; at most {MAX_GRID} fit a PNG')
-    if args.out:
-        if os.path.isdir(args.out):
-            parser.error(f'--out {args.out} is a folder; give a file name ending in .png')
-        if os.path.splitext(args.out)[1].lower() not in ('.png', '.jpg', '.jpeg'):
-            parser.error(f'--out {args.out} needs an image extension: .png (or .jpg)')
-        try:
-            P.check_writable_folder(os.path.dirname(os.path.abspath(args.out)), f'--out {args.out}')
-        except ValueError as e:
-            parser.error(str(e))
+    side = math.isqrt(count) + 1   # the grid is about this many images a side, each at most 64 pixels here
+    try:
+        P.check_memory(12 * (side * 65 * (args.scale or 1)) ** 2, f'a grid enlarged --scale {args.scale} times',
+                       'a smaller --scale')
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def output_path(args, ckpt_path):
+    """Where the grid goes: --out, or a name that says what it holds beside the checkpoint; checked before the work
+    (exit 2 with one line when it cannot be written)."""
+    if args.interpolate:
+        name = f'interpolate_p{args.pairs}_s{args.seed}.png'
+    else:
+        name = f'samples_n{args.n}_t{args.temperature:g}_s{args.seed}.png'
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), name)
+    try:
+        P.check_output_file(out, f'--out {out}' if args.out else f'the default output {out} (give --out)',
+                            ('.png', '.jpg', '.jpeg'))
+    except ValueError as e:
+        P.die('sample.py', e, 2)
+    return out
 
 
 def main(argv=None):
@@ -79,6 +92,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_args(parser, args)
     model, ckpt, ckpt_path = P.open_checkpoint('sample.py', args)
+    out = output_path(args, ckpt_path)
+    try:
+        P.check_memory(P.memory_needed(model.config, eval_batch=256), 'decoding 256 latents at a time', 'a machine '
+                       'with more memory')
+    except ValueError as error:
+        P.die('sample.py', error)
     device = next(model.parameters()).device
     torch.manual_seed(args.seed)
     if args.interpolate:
@@ -92,15 +111,18 @@ def main(argv=None):
         x = to_unit(data.images[pick].to(device))
         images = interpolate(model, x[:args.pairs], x[args.pairs:], args.steps)
         nrow = args.steps
-        default_name = f'interpolate_p{args.pairs}_s{args.seed}.png'
     else:
         generator = torch.Generator(device=device).manual_seed(args.seed)
         images = model.sample(args.n, temperature=args.temperature, generator=generator)
         nrow = math.ceil(math.sqrt(args.n))
-        default_name = f'samples_n{args.n}_t{args.temperature:g}_s{args.seed}.png'
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), default_name)
+    if not torch.isfinite(images).all():
+        P.die('sample.py', f'the samples at --temperature {args.temperature:g} are not finite (the flow overflows '
+                           f'there); choose a smaller --temperature. Nothing was written')
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    P.save_grid(images.cpu(), out, nrow=nrow, scale=args.scale)
+    try:
+        P.save_grid(images.cpu(), out, nrow=nrow, scale=args.scale)
+    except P.CheckpointError as e:   # a full disk: the file there before is untouched
+        P.die('sample.py', e)
     print(f'wrote {out} ({len(images)} images from {ckpt_path})')
     return 0
 

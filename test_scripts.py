@@ -10,28 +10,28 @@ import pytest
 import torch
 
 import plumbing
-from conftest import TINY_RUN, assert_one_line_error, load, make_mnist, script, write_idx
+from conftest import TINY_RUN, assert_one_line_error, load, make_mnist, run_main, script, write_idx
 from realnvp import ImageDataset, RealNVPLoss, bits_per_dim, nll_per_image, to_unit
 
 
 
 @pytest.mark.slow
-def test_sample_writes_a_grid_of_the_right_size(full_run, tmp_path):
+def test_sample_writes_a_grid_of_the_right_size(full_run, tmp_path, in_process):
     from PIL import Image
     out = str(tmp_path / 'grid.png')
-    result = script('sample.py', '--ckpt', os.path.join(full_run, 'best.pt'), '--n', 9, '--out', out)
+    result = in_process('sample.py', '--ckpt', os.path.join(full_run, 'best.pt'), '--n', 9, '--out', out)
     assert result.returncode == 0, result.stderr
     assert out in result.stdout
     # 3x3 tiles of 8 pixels with 1-pixel padding, enlarged 7 times: cells of at least 56 pixels
     assert Image.open(out).size == (7 * (3 * 9 + 1), 7 * (3 * 9 + 1))
     small = str(tmp_path / 'small.png')
-    assert script('sample.py', '--ckpt', os.path.join(full_run, 'best.pt'), '--n', 9, '--out', small,
+    assert in_process('sample.py', '--ckpt', os.path.join(full_run, 'best.pt'), '--n', 9, '--out', small,
                   '--scale', 1).returncode == 0
     assert Image.open(small).size == (3 * 9 + 1, 3 * 9 + 1)
     big, little = np.asarray(Image.open(out)), np.asarray(Image.open(small))
     assert np.array_equal(big[::7, ::7], little)   # nearest-neighbour: every pixel becomes a 7x7 block
     interp = str(tmp_path / 'interp.png')
-    result = script('sample.py', '--ckpt', os.path.join(full_run, 'best.pt'), '--interpolate', '--pairs', 2,
+    result = in_process('sample.py', '--ckpt', os.path.join(full_run, 'best.pt'), '--interpolate', '--pairs', 2,
                     '--steps', 5, '--out', interp)
     assert result.returncode == 0, result.stderr
     assert Image.open(interp).size == (7 * (5 * 9 + 1), 7 * (2 * 9 + 1))
@@ -127,7 +127,8 @@ BAD_INPUT = [
     ('sample.py', ['--ckpt', '{misfit}'], 1, ['do not fit its config', 'of another shape', 'in_conv']),
     ('train.py', ['--data-dir', '{empty}', '--out-dir', '{tmp}/new', *TINY_RUN], 1,
      ['MNIST not found', 'train-images-idx3-ubyte', '--data-dir']),
-    ('train.py', ['--data-dir', '{data}', '--out-dir', '{run}', *TINY_RUN], 2, ['already holds', '--resume']),
+    ('train.py', ['--data-dir', '{data}', '--out-dir', '{run}', *TINY_RUN], 2,
+     ['holds run', 'continue it with --resume']),
     ('train.py', ['--resume', '{run}/last.pt', '--mid-channels', '8'], 2, ['--mid-channels differs']),
     ('evaluate.py', ['--runs-dir', '{tmp}/no-runs'], 1, ['no checkpoint found']),
     ('bench.py', ['--image-size', '10', '--num-scales', '3'], 2, ['image size 10']),
@@ -145,11 +146,11 @@ BAD_INPUT = [
     # where things go
     ('train.py', ['--out-dir', '{afile}', '--data-dir', '{data}'], 2, ['is a file']),
     ('train.py', ['--out-dir', '{afile}/run', '--data-dir', '{data}'], 2, ['is a file']),
-    ('sample.py', ['--ckpt', '{best}', '--out', '{tmp}/grid.txt'], 2, ['image extension']),
+    ('sample.py', ['--ckpt', '{best}', '--out', '{tmp}/grid.txt'], 2, ['extensions .png']),
     ('sample.py', ['--ckpt', '{best}', '--out', '{tmp}'], 2, ['is a folder']),
     ('sample.py', ['--ckpt', '{best}', '--out', '{afile}/grid.png'], 2, ['is a file']),
     # values argparse alone would let through
-    ('train.py', ['--seed', str(2 ** 63)], 2, ['--seed', '2^63']),
+    ('train.py', ['--seed', str(2 ** 32)], 2, ['--seed', '2^32']),
     ('evaluate.py', ['--seed', '-1'], 2, ['--seed']),
     ('train.py', ['--device', 'meta'], 2, ['unknown device']),
     ('bench.py', ['--lecture', '{tmp}/missing.txt'], 2, ['no such file']),
@@ -160,7 +161,32 @@ BAD_INPUT = [
     ('train.py', ['--data-dir', '{badgz}', '--out-dir', '{tmp}/new', *TINY_RUN], 1,
      ['t10k-images-idx3-ubyte.gz', 'cannot be read']),
     ('train.py', ['--data-dir', '{notest}', '--out-dir', '{tmp}/new', *TINY_RUN], 1, ['MNIST files', 'cannot be read']),
-    ('train.py', ['--resume', '{garbage}/last.pt', '--data-dir', '{data}'], 1, ['metrics.csv', 'move it away']),
+    ('train.py', ['--resume', '{garbage}/last.pt', '--data-dir', '{data}', '--epochs', '3'], 1,
+     ['metrics.csv', 'move it away']),
+    ('train.py', ['--resume', '{badmetrics}/last.pt', '--data-dir', '{data}', '--epochs', '3'], 1,
+     ['metrics.csv', 'move it away']),   # a column removed: refused before anything is trained
+    # abbreviations are not flags: they used to be taken, or ignored on --resume
+    ('train.py', ['--resume', '{run}/last.pt', '--epoch', '3'], 2, ['unrecognized arguments: --epoch']),
+    ('train.py', ['--resume', '{run}/last.pt', '--mid', '16'], 2, ['unrecognized arguments: --mid']),
+    # nothing to do, or a checkpoint path that is not one
+    ('train.py', ['--resume', '{run}/last.pt'], 2, ['--epochs 2 is not past', 'nothing to train']),
+    ('train.py', ['--resume', '{run}/last.pt', '--out-dir', '{tmp}/new'], 2, ['nothing to train']),
+    ('train.py', ['--resume', '{tmp}'], 2, ['is a folder', 'last.pt']),
+    # outputs that cannot be written are said before the work, not after it
+    ('evaluate.py', ['--ckpt', '{best}', '--data-dir', '{data}', '--per-image', '{afile}/x.csv'], 2, ['is a file']),
+    ('evaluate.py', ['--ckpt', '{best}', '--data-dir', '{data}', '--per-image', '{tmp}'], 2, ['is a folder']),
+    ('evaluate.py', ['--ckpt', '{best}', '--data-dir', '{data}', '--worst', '4', '--out-dir', '{afile}'], 2,
+     ['is a file']),
+    ('sample.py', ['--ckpt', '{best}', '--out', '{tmp}/' + 'x' * 300 + '.png'], 2, ['longer than the 255 bytes']),
+    ('train.py', ['--data-dir', '{data}', '--out-dir', '{tmp}/' + 'r' * 300, *TINY_RUN], 2, ['longer than the 255']),
+    ('train.py', ['--data-dir', '{data}', '--out-dir', '/proc/realnvp-run', *TINY_RUN], 1, ['cannot use /proc']),
+    ('train.py', ['--data-dir', '{data}', '--out-dir', '{lockdir}', *TINY_RUN], 1, ['cannot use', 'directory']),
+    ('sample.py', ['--ckpt', '{best}', '--temperature', '1e300'], 1, ['not finite', 'smaller --temperature']),
+    # memory: said before it is taken
+    ('sample.py', ['--ckpt', '{best}', '--scale', '3000'], 2, ['GB', '--scale']),
+    ('bench.py', ['--batch-size', '1000000000'], 2, ['GB', '--batch-size']),
+    ('sample.py', ['--ckpt', '{huge}'], 1, ['GB', 'another checkpoint']),
+    ('bench.py', ['--summarize', '{shortstages}'], 2, ['not a stages.tsv']),
 ]
 
 
@@ -189,22 +215,38 @@ def bad_files(full_run, data_dir, tmp_path_factory):
     garbage = tmp / 'garbage'
     shutil.copytree(full_run, garbage)
     (garbage / 'metrics.csv').write_text('\x00\x01 not, a csv\nat all')
-    return dict(best=best, run=full_run, data=data_dir, tmp=str(tmp), corrupt=str(tmp / 'corrupt.pt'),
+    badmetrics = tmp / 'badmetrics'
+    shutil.copytree(full_run, badmetrics)
+    rows = [line.split(',') for line in (badmetrics / 'metrics.csv').read_text().splitlines()]
+    (badmetrics / 'metrics.csv').write_text('\n'.join(','.join(row[:-1]) for row in rows) + '\n')
+    (tmp / 'lockdir' / '.lock').mkdir(parents=True)
+    huge = load(best)
+    huge['config']['mid_channels'] = 100000
+    torch.save(huge, tmp / 'huge.pt')
+    (tmp / 'shortstages').mkdir()
+    (tmp / 'shortstages' / 'stages.tsv').write_text('stage\texit\tseconds\tlimit\ncopy\t0\n')
+    return dict(badmetrics=str(badmetrics), lockdir=str(tmp / 'lockdir'), huge=str(tmp / 'huge.pt'),
+                shortstages=str(tmp / 'shortstages'), best=best, run=full_run, data=data_dir, tmp=str(tmp),
+                corrupt=str(tmp / 'corrupt.pt'),
                 misfit=str(tmp / 'misfit.pt'), empty=str(tmp / 'empty'), nonfinite=str(tmp / 'nonfinite.pt'),
                 weightsonly=str(tmp / 'weightsonly.pt'), afile=str(tmp / 'afile'), badgz=badgz, notest=notest,
                 garbage=str(garbage))
 
 
 def folder_bytes(path):
-    return {name: open(os.path.join(path, name), 'rb').read() for name in sorted(os.listdir(path))}
+    """Every file of a folder (its lock aside: that holds the pid of the last process that took it)."""
+    return {name: open(os.path.join(path, name), 'rb').read() for name in sorted(os.listdir(path)) if name != '.lock'}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('name,args,code,words', BAD_INPUT, ids=[f'{n}-{i}' for i, (n, *_) in enumerate(BAD_INPUT)])
-def test_bad_input_gives_one_clear_line(name, args, code, words, bad_files):
-    before = folder_bytes(bad_files['run'])
-    assert_one_line_error(script(name, *[a.format(**bad_files) for a in args]), code, *words)
-    assert folder_bytes(bad_files['run']) == before               # nothing saved is touched
+def test_bad_input_gives_one_clear_line(name, args, code, words, bad_files, monkeypatch, capsys):
+    runs = ('run', 'garbage', 'badmetrics')
+    before = {run: folder_bytes(bad_files[run]) for run in runs}
+    result = run_main(name, [a.format(**bad_files) for a in args], monkeypatch, capsys)
+    assert result.returncode == code, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert all(word in last for word in words), last
+    assert {run: folder_bytes(bad_files[run]) for run in runs} == before   # nothing saved is touched
     assert not os.path.exists(os.path.join(bad_files['tmp'], 'new'))   # a failed start leaves no run folder
 
 

@@ -17,12 +17,13 @@ import torch
 import plumbing
 import train
 from conftest import (HERE, OFFLINE, TINY, TINY_RUN, assert_one_line_error, assert_same_weights, load, make_mnist,
-                      script, script_killed_after_writes)
+                      run_main, script, script_killed_after_writes)
 from realnvp import RealNVP, RealNVPConfig, RealNVPLoss, SkipGuard, get_param_groups, make_optimizer, train_step
 
 
 def folder_bytes(path):
-    return {name: open(os.path.join(path, name), 'rb').read() for name in sorted(os.listdir(path))}
+    """Every file of a folder (its lock aside: that holds the pid of the last process that took it)."""
+    return {name: open(os.path.join(path, name), 'rb').read() for name in sorted(os.listdir(path)) if name != '.lock'}
 
 
 
@@ -65,8 +66,8 @@ def test_resume_policy_classifies_every_flag():
 
 def test_one_process_dist_is_the_identity(monkeypatch):
     monkeypatch.delenv('WORLD_SIZE', raising=False)
-    d = plumbing.Dist.start(torch.device('cpu'), log_every=10)
-    assert type(d) is plumbing.Dist and (d.rank, d.world, d.sync_every) == (0, 1, 1)
+    d = plumbing.Dist(torch.device('cpu'), log_every=10)
+    assert (d.rank, d.world, d.sync_every) == (0, 1, 1)
     t = torch.tensor([1.0, 2.0])
     assert d.all_reduce(t, 'max') is t and torch.equal(d.shard(t), t) and d.any(True) and not d.any(False)
     assert d.gather('x') == ['x'] and d.broadcast('y') == 'y'
@@ -104,7 +105,7 @@ def test_train_writes_checkpoints_metrics_plot_and_grid(full_run):
 
 
 @pytest.mark.slow
-def test_resume_under_amp_equals_the_uninterrupted_run(data_dir, tmp_path):
+def test_resume_under_amp_equals_the_uninterrupted_run(data_dir, tmp_path, in_process):
     """bf16 autocast (training, refresh and evaluation) resumes bit-exactly too."""
     runs = {}
     for name, steps in (('full', []), ('stopped', ['--max-steps', 10])):
@@ -113,19 +114,19 @@ def test_resume_under_amp_equals_the_uninterrupted_run(data_dir, tmp_path):
                         *TINY_RUN, '--amp')
         assert result.returncode == 0, result.stderr
     assert 'bf16 autocast on' in open(os.path.join(runs['full'], 'train.log')).read()
-    second = script('train.py', '--resume', os.path.join(runs['stopped'], 'last.pt'), '--data-dir', data_dir,
+    second = in_process('train.py', '--resume', os.path.join(runs['stopped'], 'last.pt'), '--data-dir', data_dir,
                     '--num-threads', 1)
     assert second.returncode == 0, second.stderr
     assert_same_weights(os.path.join(runs['stopped'], 'last.pt'), os.path.join(runs['full'], 'last.pt'))
 
 
 @pytest.mark.slow
-def test_resume_continues_and_equals_the_uninterrupted_run(full_run, data_dir, tmp_path):
+def test_resume_continues_and_equals_the_uninterrupted_run(full_run, data_dir, tmp_path, in_process):
     out = str(tmp_path / 'stopped')
     first = script('train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 2, '--max-steps', 10, *TINY_RUN)
     assert first.returncode == 0, first.stderr
     assert load(os.path.join(out, 'last.pt'))['state']['step'] == 10   # mid-way through epoch 2
-    second = script('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir, '--num-threads', 1)
+    second = in_process('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir, '--num-threads', 1)
     assert second.returncode == 0, second.stderr
     assert 'resumed from' in second.stdout
     assert_same_weights(os.path.join(out, 'last.pt'), os.path.join(full_run, 'last.pt'))
@@ -134,7 +135,7 @@ def test_resume_continues_and_equals_the_uninterrupted_run(full_run, data_dir, t
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_and_resume_equals_the_uninterrupted_run(full_run, data_dir, tmp_path):
+def test_ctrl_c_saves_and_resume_equals_the_uninterrupted_run(full_run, data_dir, tmp_path, in_process):
     out = str(tmp_path / 'interrupted')
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', **OFFLINE}
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'train.py'), '--data-dir', data_dir, '--out-dir', out,
@@ -149,7 +150,7 @@ def test_ctrl_c_saves_and_resume_equals_the_uninterrupted_run(full_run, data_dir
     assert 'Traceback' not in stderr and 'interrupted at step' in stdout
     step = load(os.path.join(out, 'last.pt'))['state']['step']
     assert 1 <= step < 14
-    resumed = script('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir, '--num-threads', 1)
+    resumed = in_process('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir, '--num-threads', 1)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(os.path.join(out, 'last.pt'), os.path.join(full_run, 'last.pt'))
 
@@ -175,7 +176,7 @@ def test_resume_takes_the_architecture_from_the_checkpoint(full_run, tmp_path):
     given again is accepted, another one is refused (exit 2), whichever recipe is given or not."""
     run = tmp_path / 'run'
     shutil.copytree(full_run, run)
-    resume = ['--resume', str(run / 'last.pt'), '--device', 'cpu']
+    resume = ['--resume', str(run / 'last.pt'), '--device', 'cpu', '--epochs', '3']
     args = train.parse_args(resume)[0]
     assert (args.flow_norm, args.t_bound, args.recipe) == (True, 10.0, 'default')
     assert train.parse_args(resume + ['--t-bound', '10'])[0].t_bound == 10.0
@@ -186,16 +187,16 @@ def test_resume_takes_the_architecture_from_the_checkpoint(full_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_of_another_format_is_refused_naming_both(full_run, tmp_path):
+def test_a_checkpoint_of_another_format_is_refused_naming_both(full_run, tmp_path, monkeypatch, capsys):
     run = tmp_path / 'run'
     shutil.copytree(full_run, run)
     ckpt = load(run / 'last.pt')
     del ckpt['format']   # as checkpoints were before the format was written
     torch.save(ckpt, run / 'last.pt')
-    for name, flags in (('train.py', []), ('sample.py', ['--n', 1]), ('evaluate.py', [])):
-        flag = '--resume' if name == 'train.py' else '--ckpt'
-        result = script(name, flag, run / 'last.pt', *flags)
-        assert_one_line_error(result, 2 if name == 'train.py' else 1, 'format 1', f'format {plumbing.CHECKPOINT_FORMAT}')
+    result = script('train.py', '--resume', run / 'last.pt', '--epochs', 3)   # the command line, once
+    assert_one_line_error(result, 2, 'format 1', f'format {plumbing.CHECKPOINT_FORMAT}')
+    for name, flags in (('sample.py', ['--n', '1']), ('evaluate.py', [])):
+        assert_one_line_error(run_main(name, ['--ckpt', run / 'last.pt', *flags], monkeypatch, capsys), 1, 'format 1')
 
 
 # -----------------------------------------------------------------------------
@@ -203,29 +204,31 @@ def test_a_checkpoint_of_another_format_is_refused_naming_both(full_run, tmp_pat
 
 
 def copy_run(full_run, path, run_id=None):
-    """A copy of the full run's folder; with `run_id`, its checkpoints say they belong to another run."""
+    """A copy of the full run's folder; with `run_id`, it (config.json and checkpoints) belongs to another run."""
     shutil.copytree(full_run, path)
     if run_id:
         for name in ('last.pt', 'best.pt'):
             ckpt = load(os.path.join(path, name))
             ckpt['run_id'] = run_id
             torch.save(ckpt, os.path.join(path, name))
+        config = json.load(open(os.path.join(path, 'config.json')))
+        json.dump({**config, 'run_id': run_id}, open(os.path.join(path, 'config.json'), 'w'))
     return str(path)
 
 
 @pytest.mark.slow
-def test_resuming_an_older_checkpoint_never_overwrites_a_newer_one(full_run, data_dir, tmp_path):
+def test_resuming_an_older_checkpoint_never_overwrites_a_newer_one(full_run, data_dir, tmp_path, in_process):
     run = copy_run(full_run, tmp_path / 'run')
     older = load(os.path.join(run, 'last.pt'))
     older['state']['step'], older['state']['epoch'] = 7, 1          # as a best.pt from epoch 1 would be
     torch.save(older, os.path.join(run, 'best.pt'))
     before = folder_bytes(run)
-    refused = script('train.py', '--resume', os.path.join(run, 'best.pt'), '--data-dir', data_dir)
+    refused = in_process('train.py', '--resume', os.path.join(run, 'best.pt'), '--data-dir', data_dir)
     assert_one_line_error(refused, 2, 'step 14, past', '--out-dir')
     assert folder_bytes(run) == before
     # branching into a new folder is the way: a new run, that says where it came from
     branch = str(tmp_path / 'branch')
-    result = script('train.py', '--resume', os.path.join(run, 'best.pt'), '--out-dir', branch, '--data-dir', data_dir)
+    result = in_process('train.py', '--resume', os.path.join(run, 'best.pt'), '--out-dir', branch, '--data-dir', data_dir)
     assert result.returncode == 0, result.stderr
     assert folder_bytes(run) == before
     config = json.load(open(os.path.join(branch, 'config.json')))
@@ -234,28 +237,28 @@ def test_resuming_an_older_checkpoint_never_overwrites_a_newer_one(full_run, dat
 
 
 @pytest.mark.slow
-def test_a_folder_holding_another_run_is_never_written_into(full_run, data_dir, tmp_path):
+def test_a_folder_holding_another_run_is_never_written_into(full_run, data_dir, tmp_path, in_process):
     a = copy_run(full_run, tmp_path / 'a')
     b = copy_run(full_run, tmp_path / 'b', run_id='another')
     before = folder_bytes(b)
-    result = script('train.py', '--resume', os.path.join(a, 'last.pt'), '--out-dir', b, '--epochs', 3,
+    result = in_process('train.py', '--resume', os.path.join(a, 'last.pt'), '--out-dir', b, '--epochs', 3,
                     '--data-dir', data_dir)
-    assert_one_line_error(result, 2, 'holds another run', 'another')
+    assert_one_line_error(result, 2, 'holds run another', 'branch into a new --out-dir')
     assert folder_bytes(b) == before
 
 
 @pytest.mark.slow
-def test_resuming_on_other_data_is_refused(full_run, tmp_path):
+def test_resuming_on_other_data_is_refused(full_run, tmp_path, in_process):
     run = copy_run(full_run, tmp_path / 'run')
     other = make_mnist(str(tmp_path / 'other'), n=100, seed=1)   # same sizes, other pixels
     before = folder_bytes(run)
-    result = script('train.py', '--resume', os.path.join(run, 'last.pt'), '--epochs', 3, '--data-dir', other)
+    result = in_process('train.py', '--resume', os.path.join(run, 'last.pt'), '--epochs', 3, '--data-dir', other)
     assert_one_line_error(result, 1, 'not the data this run trained on', '--data-dir')
     assert folder_bytes(run) == before
 
 
 @pytest.mark.slow
-def test_a_second_training_into_a_folder_in_use_is_refused_and_a_killed_ones_lock_is_not(data_dir, tmp_path):
+def test_a_second_training_into_a_folder_in_use_is_refused_and_a_killed_ones_lock_is_not(data_dir, tmp_path, in_process):
     out = str(tmp_path / 'busy')
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', **OFFLINE}
     first = subprocess.Popen([sys.executable, os.path.join(HERE, 'train.py'), '--data-dir', data_dir, '--out-dir',
@@ -265,23 +268,24 @@ def test_a_second_training_into_a_folder_in_use_is_refused_and_a_killed_ones_loc
         for line in first.stdout:
             if line.startswith('epoch 1:'):   # last.pt exists
                 break
-        second = script('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir)
+        second = in_process('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir)
         assert_one_line_error(second, 1, f'{out} is in use by another training (pid {first.pid})')
     finally:
         first.kill()
         first.wait()
-    open(os.path.join(out, 'last.pt.tmp999999'), 'wb').close()   # as a process killed mid-write leaves
+    open(os.path.join(out, 'last.pt.realnvp-tmp999999'), 'wb').close()   # as a process killed mid-write leaves
+    open(os.path.join(out, 'thesis.tmp2024'), 'wb').close()   # a file of the user's, with a name like a temporary
     step = load(os.path.join(out, 'last.pt'))['state']['step']
-    third = script('train.py', '--resume', os.path.join(out, 'last.pt'), '--max-steps', step + 1,
+    third = in_process('train.py', '--resume', os.path.join(out, 'last.pt'), '--max-steps', step + 1,
                    '--data-dir', data_dir)
     assert third.returncode == 0, third.stderr
     assert load(os.path.join(out, 'last.pt'))['state']['step'] == step + 1
-    assert not [n for n in os.listdir(out) if '.tmp' in n]
+    assert [n for n in os.listdir(out) if '.tmp' in n] == ['thesis.tmp2024']
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('kill_after', [7, 8, 9, 10, 11])
-def test_a_kill_at_each_write_of_an_epoch_end_loses_nothing(full_run, data_dir, tmp_path, kill_after):
+def test_a_kill_at_each_write_of_an_epoch_end_loses_nothing(full_run, data_dir, tmp_path, kill_after, in_process):
     """A run writes config.json, then 5 files an epoch (best.pt, metrics.csv, curves.png, the grid, last.pt: the
     commit point); a SIGKILL right after each write of epoch 2's, then --resume, gives the uninterrupted run's
     files."""
@@ -289,9 +293,12 @@ def test_a_kill_at_each_write_of_an_epoch_end_loses_nothing(full_run, data_dir, 
     killed = script_killed_after_writes(kill_after, 'train.py', '--data-dir', data_dir, '--out-dir', out,
                                         '--epochs', '2', *TINY_RUN)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert load(os.path.join(out, 'last.pt'))['state']['epoch'] == (2 if kill_after == 11 else 1)
-    resumed = script('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir, '--num-threads', 1)
-    assert resumed.returncode == 0, resumed.stderr
+    committed = load(os.path.join(out, 'last.pt'))['state']['epoch']
+    assert committed == (2 if kill_after == 11 else 1)
+    if committed == 1:   # killed before epoch 2's commit point: the resume redoes what came after epoch 1's
+        resumed = in_process('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir,
+                         '--num-threads', 1)
+        assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(os.path.join(out, 'last.pt'), os.path.join(full_run, 'last.pt'))
     assert_same_weights(os.path.join(out, 'best.pt'), os.path.join(full_run, 'best.pt'))
 
@@ -337,10 +344,17 @@ def test_learning_rate_warms_up_holds_and_decays_to_zero_over_the_last_fraction(
 
 
 def test_every_batch_is_full_and_every_image_is_seen_each_epoch():
-    order = torch.randperm(100)
-    filled = train.fill_batches(order, 7, 16)   # 100 images, batch 16: 7 steps, the last filled up
-    assert len(filled) == 7 * 16 and torch.equal(filled[:100], order) and torch.equal(filled[100:], order[:12])
-    assert torch.equal(train.fill_batches(torch.arange(3), 2, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    """100 images in batches of 16: 7 steps, the last filled up from the start of the epoch's permutation, which
+    is the same for a given seed and epoch and another for the next epoch; two ranks share it out."""
+    one = plumbing.Dist(torch.device('cpu'), log_every=1)
+    order = train.epoch_order(100, 0, 3, 7, 16, one)
+    assert len(order) == 7 * 16 and sorted(order[:100].tolist()) == list(range(100))
+    assert torch.equal(order[100:], order[:12]) and torch.equal(order, train.epoch_order(100, 0, 3, 7, 16, one))
+    assert not torch.equal(order, train.epoch_order(100, 0, 4, 7, 16, one))
+    two = [SimpleNamespace(shard=lambda t, r=r: t[r::2]) for r in range(2)]   # what Dist.shard is on ranks 0 and 1
+    halves = [train.epoch_order(100, 0, 3, 7, 8, d) for d in two]
+    assert sorted(halves[0][:50].tolist() + halves[1][:50].tolist()) == list(range(100))
+    assert torch.equal(torch.stack(halves, 1).flatten()[:100], order[:100])
 
 
 @pytest.mark.parametrize('flow_norm', [False, True])
@@ -497,26 +511,262 @@ def test_abbreviated_flags_are_refused():
 # multi-process training (torchrun, gloo on the CPU) and the benchmark script
 
 
+
+
+# -----------------------------------------------------------------------------
+# The run folder's guarantees: one owner (config.json), one writer, refusals that point at a way that works
+
+
+def nan_training_loss(monkeypatch):
+    """Every training step's loss is NaN; evaluation's per-image losses stay as they are."""
+    forward = RealNVPLoss.forward
+    monkeypatch.setattr(RealNVPLoss, 'forward', lambda self, z, sldj: forward(self, z, sldj) * (
+        float('nan') if self.reduction == 'mean' else 1.0))
+
+
+def new_run(data_dir, out, *flags):
+    return script('train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 2, *TINY_RUN, *flags)
+
+
 @pytest.mark.slow
-def test_torchrun_two_processes_agree_and_write_a_usable_checkpoint(data_dir, tmp_path):
-    out = str(tmp_path / 'ddp')
+def test_a_folder_the_project_did_not_make_is_refused_and_left_as_it_was(data_dir, tmp_path):
+    mine = tmp_path / 'mine'
+    mine.mkdir()
+    for name in ('thesis.tmp2024', 'backup.tar.tmp1'):
+        (mine / name).write_text('precious')
+    before = folder_bytes(mine)
+    assert_one_line_error(new_run(data_dir, mine, '--epochs', 0), 2, 'not a run of train.py', 'another --out-dir')
+    assert folder_bytes(mine) == before
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_is_restarted_as_one_run(data_dir, tmp_path):
+    """Killed right after config.json (its first write): a new run takes the folder over, and config.json, the log
+    and the checkpoints then all name that one run."""
+    out = str(tmp_path / 'run')
+    killed = script_killed_after_writes(1, 'train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 1,
+                                        *TINY_RUN)
+    assert killed.returncode == -signal.SIGKILL and os.listdir(out) != []
+    first = json.load(open(os.path.join(out, 'config.json')))['run_id']
+    result = new_run(data_dir, out, '--epochs', 1)
+    assert result.returncode == 0, result.stderr
+    second = json.load(open(os.path.join(out, 'config.json')))['run_id']
+    assert second != first and load(os.path.join(out, 'last.pt'))['run_id'] == second
+
+
+@pytest.mark.slow
+def test_a_run_killed_between_best_and_last_resumes_from_best_and_a_new_run_is_pointed_there(data_dir, tmp_path, in_process):
+    out = str(tmp_path / 'run')
+    killed = script_killed_after_writes(2, 'train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 2,
+                                        *TINY_RUN)
+    assert killed.returncode == -signal.SIGKILL
+    assert os.path.isfile(os.path.join(out, 'best.pt')) and not os.path.exists(os.path.join(out, 'last.pt'))
+    refused = new_run(data_dir, out)
+    assert_one_line_error(refused, 2, f'--resume {os.path.join(out, "best.pt")}')
+    resumed = in_process('train.py', '--resume', os.path.join(out, 'best.pt'), '--data-dir', data_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load(os.path.join(out, 'last.pt'))['state']['epoch'] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('damage', ['random bytes', 'truncated', 'empty', 'a folder', 'a tensor', 'no state'])
+def test_a_damaged_last_pt_does_not_block_resuming_from_best(full_run, data_dir, tmp_path, damage, monkeypatch,
+                                                              capsys):
+    run = copy_run(full_run, tmp_path / 'run')
+    last = os.path.join(run, 'last.pt')
+    good = open(last, 'rb').read()
+    os.remove(last)
+    if damage == 'a folder':
+        os.mkdir(last)
+    elif damage in ('a tensor', 'no state'):
+        torch.save(torch.zeros(3) if damage == 'a tensor' else {k: v for k, v in load(os.path.join(run, 'best.pt'))
+                                                               .items() if k != 'state'}, last)
+    else:
+        open(last, 'wb').write({'random bytes': os.urandom(5000), 'truncated': good[:len(good) // 2],
+                                'empty': b''}[damage])
+    result = run_main('train.py', ['--resume', os.path.join(run, 'best.pt'), '--epochs', '3', '--data-dir',
+                                   data_dir], monkeypatch, capsys)
+    if damage == 'a folder':   # not a file the run can replace: one line, nothing touched
+        assert_one_line_error(result, 2, 'last.pt is not a file')
+        return
+    assert result.returncode == 0, result.stderr
+    assert load(last)['state']['epoch'] == 3
+
+
+@pytest.mark.slow
+def test_another_runs_checkpoint_copied_into_a_folder_is_refused_there(full_run, data_dir, tmp_path, in_process):
+    a = copy_run(full_run, tmp_path / 'a', run_id='run-a')
+    b = copy_run(full_run, tmp_path / 'b', run_id='run-b')
+    shutil.copy(os.path.join(b, 'last.pt'), os.path.join(a, 'from_b.pt'))
+    before = folder_bytes(a)
+    result = in_process('train.py', '--resume', os.path.join(a, 'from_b.pt'), '--epochs', 3, '--data-dir', data_dir)
+    assert_one_line_error(result, 2, 'holds run run-a', 'run-b')
+    assert folder_bytes(a) == before
+
+
+def test_an_epoch_of_only_skipped_steps_is_saved_with_its_weights_untouched(data_dir, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / 'skipped')
+    assert train.main(['--data-dir', data_dir, '--out-dir', out, '--epochs', '1', *TINY_RUN]) == 0
+    before = load(os.path.join(out, 'last.pt'))
+    nan_training_loss(monkeypatch)
+    assert train.main(['--resume', os.path.join(out, 'last.pt'), '--epochs', '2', '--max-bad-steps', '100']) == 0
+    after = load(os.path.join(out, 'last.pt'))
+    assert after['state']['skipped'] == 7 and after['state']['epoch'] == 2
+    for part in ('train_model', 'model'):   # neither the trained weights nor their average moved
+        for key, value in before[part].items():
+            if 'running' not in key and 'num_batches' not in key:
+                assert torch.equal(after[part][key], value), (part, key)
+    rows = open(os.path.join(out, 'metrics.csv')).read().strip().splitlines()
+    assert rows[-1].split(',')[2] == 'nan' and len(rows) == 3
+
+
+def test_a_skipped_step_leaves_the_weight_average_as_it_was():
+    from realnvp import WeightAverage
+    torch.manual_seed(0)
+    model = RealNVP(img_size=4, **TINY)
+    average = WeightAverage(model, 0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in average.model.parameters()]
+    average.update(model, 5, bad=torch.tensor(1.0))
+    assert all(torch.equal(a, b) for a, b in zip(average.model.parameters(), before))
+    plain = WeightAverage(RealNVP(img_size=4, **TINY), 0.9)
+    plain.model.load_state_dict(average.model.state_dict())
+    average.update(model, 5, bad=torch.tensor(0.0))
+    plain.update(model, 5)
+    assert all(torch.equal(a, b) for a, b in zip(average.model.parameters(), plain.model.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(average.model.parameters(), before))
+
+
+def test_a_full_disk_or_an_unwritable_log_is_one_line_and_keeps_the_checkpoint(data_dir, tmp_path, monkeypatch,
+                                                                                 capsys):
+    out = str(tmp_path / 'run')
+    assert train.main(['--data-dir', data_dir, '--out-dir', out, '--epochs', '1', *TINY_RUN]) == 0
+    before = folder_bytes(out)
+    real = os.fsync
+    monkeypatch.setattr(os, 'fsync', lambda fd: (_ for _ in ()).throw(OSError(28, 'No space left on device')))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(['--resume', os.path.join(out, 'last.pt'), '--epochs', '2'])
+    assert exit_info.value.code == 1
+    assert 'No space left on device' in capsys.readouterr().err.strip().splitlines()[-1]
+    monkeypatch.setattr(os, 'fsync', real)
+    after = folder_bytes(out)
+    assert {k: after[k] for k in before if k != 'train.log'} == {k: v for k, v in before.items() if k != 'train.log'}
+    assert not [n for n in os.listdir(out) if 'realnvp-tmp' in n]
+    os.rename(os.path.join(out, 'train.log'), os.path.join(out, 'old.log'))
+    os.mkdir(os.path.join(out, 'train.log'))   # a log that cannot be appended to
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(['--resume', os.path.join(out, 'last.pt'), '--epochs', '2'])
+    assert exit_info.value.code == 1 and 'train.log' in capsys.readouterr().err.strip().splitlines()[-1]
+    assert load(os.path.join(out, 'last.pt'))['state']['epoch'] == 1
+
+
+@pytest.mark.slow
+def test_max_bad_steps_stops_there_and_says_how_many(data_dir, tmp_path, monkeypatch, capsys):
+    nan_training_loss(monkeypatch)
+    out = str(tmp_path / 'bad')
+    flags = ['--data-dir', data_dir, '--out-dir', out, '--epochs', '2', '--max-bad-steps', '2', *TINY_RUN]
+    assert train.main(flags) == 1
+    assert 'stopping at step 2: 2 steps in a row had a non-finite loss' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_torchrun_agrees_across_ranks_and_a_stop_and_resume_equals_the_uninterrupted_run(data_dir, tmp_path):
+    """Two processes (gloo on the CPU): the ranks end with the same weights, the checkpoint loads in one process,
+    and a stop in the middle of epoch 2 and a resume give the uninterrupted run's weights, average, batch-norm
+    statistics, optimizer state and metrics, bit for bit (the lecture's recipe too, whose saved model is the
+    trained one with its running statistics)."""
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', **OFFLINE}
-    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                             os.path.join(HERE, 'train.py'), '--data-dir', data_dir, '--out-dir', out,
-                             '--epochs', '1', *TINY_RUN], capture_output=True, text=True, timeout=300, env=env,
-                            cwd=HERE)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert 'weights identical across 2 ranks' in result.stdout
-    assert '2 process(es)' in result.stdout
-    ckpt = load(os.path.join(out, 'last.pt'))
-    assert ckpt['world_size'] == 2 and len(ckpt['rng']) == 2
-    assert ckpt['state']['step'] == 7   # 100 images, 2 ranks x 8 = 16 a step
-    evaluated = script('evaluate.py', '--ckpt', os.path.join(out, 'best.pt'), '--data-dir', data_dir, '--json')
+
+    def torchrun(*args):
+        result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
+                                 '2', os.path.join(HERE, 'train.py'), *map(str, args)], capture_output=True,
+                                text=True, timeout=300, env=env, cwd=HERE)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+    for recipe in ('default', 'lecture'):
+        full, stopped = str(tmp_path / f'{recipe}-full'), str(tmp_path / f'{recipe}-stopped')
+        result = torchrun('--data-dir', data_dir, '--out-dir', full, '--epochs', 2, '--recipe', recipe, *TINY_RUN)
+        assert 'weights identical across 2 ranks' in result.stdout and '2 process(es)' in result.stdout
+        torchrun('--data-dir', data_dir, '--out-dir', stopped, '--epochs', 2, '--recipe', recipe, '--max-steps', 10,
+                 *TINY_RUN)
+        torchrun('--resume', os.path.join(stopped, 'last.pt'), '--data-dir', data_dir, *TINY_RUN[-3:])
+        assert_same_weights(os.path.join(stopped, 'last.pt'), os.path.join(full, 'last.pt'))
+        rows = [open(os.path.join(run, 'metrics.csv')).read().splitlines() for run in (full, stopped)]
+        assert [r.split(',')[:4] for r in rows[0]] == [r.split(',')[:4] for r in rows[1]]
+    ckpt = load(os.path.join(full, 'last.pt'))
+    assert ckpt['world_size'] == 2 and len(ckpt['rng']) == 2 and ckpt['state']['step'] == 14   # 2 x 8 a step
+    evaluated = script('evaluate.py', '--ckpt', os.path.join(full, 'best.pt'), '--data-dir', data_dir, '--json')
     assert evaluated.returncode == 0, evaluated.stderr
     # the same model on the same test images; only the dequantisation draws differ (Monte Carlo noise)
     assert abs(json.loads(evaluated.stdout)['bpd'] - ckpt['state']['best_bpd']) < 0.05
-    sampled = script('sample.py', '--ckpt', os.path.join(out, 'best.pt'), '--n', 4, '--out', tmp_path / 's.png')
-    assert sampled.returncode == 0, sampled.stderr
-    assert os.path.isfile(tmp_path / 's.png')
 
 
+@pytest.mark.slow
+def test_under_torchrun_a_refusal_is_one_line_on_every_rank(data_dir, tmp_path):
+    """The folder's lock is held by another training: both ranks exit with the same one line, no traceback."""
+    import fcntl
+    out = tmp_path / 'held'
+    out.mkdir()
+    with open(out / '.lock', 'a+') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', **OFFLINE}
+        result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
+                                 '2', os.path.join(HERE, 'train.py'), '--data-dir', data_dir, '--out-dir', str(out),
+                                 *TINY_RUN], capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
+    assert result.returncode != 0
+    assert 'train.py", line' not in result.stderr and 'plumbing.py", line' not in result.stderr   # no traceback of ours
+    assert result.stderr.count('is in use by another training') == 2   # rank 0's and rank 1's one line
+
+
+def resumable_defect(ckpt, defect):
+    """`ckpt` with one defect a hand-edited checkpoint may have."""
+    if defect == 'rng':
+        ckpt['rng'] = 'seed'
+    elif defect == 'step':
+        ckpt['state']['step'] = '14'
+    elif defect == 'args':
+        ckpt['args']['lr'] = 'fast'
+    elif defect == 'group':
+        ckpt['optimizer']['param_groups'] = ckpt['optimizer']['param_groups'][:1]
+    elif defect == 'recipe':
+        ckpt['args']['recipe'] = 'mine'
+    elif defect == 'weight':
+        ckpt['train_model'][next(iter(ckpt['train_model']))] = 3.0
+    elif defect == 'nan train_model':
+        next(iter(ckpt['train_model'].values())).fill_(float('nan'))
+    elif defect == 'nan optimizer':
+        next(iter(ckpt['optimizer']['state'].values()))['exp_avg'].fill_(float('nan'))
+    return ckpt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('defect', ['rng', 'step', 'args', 'group', 'recipe', 'weight', 'nan train_model',
+                                    'nan optimizer'])
+def test_a_hand_made_checkpoint_is_refused_on_resume_in_one_line(full_run, tmp_path, defect, capsys):
+    run = copy_run(full_run, tmp_path / 'run')
+    torch.save(resumable_defect(load(os.path.join(run, 'last.pt')), defect), os.path.join(run, 'last.pt'))
+    before = folder_bytes(run)
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(['--resume', os.path.join(run, 'last.pt'), '--epochs', '3', '--device', 'cpu'])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert 'cannot be resumed' in last or 'do not fit' in last or 'state to resume' in last, last
+    assert folder_bytes(run) == before
+
+
+def test_the_largest_seed_fits_every_use_of_it(data_dir, tmp_path):
+    out = str(tmp_path / 'seed')
+    assert train.main(['--data-dir', data_dir, '--out-dir', out, '--epochs', '1', '--seed', str(2 ** 32 - 1),
+                       *TINY_RUN]) == 0
+    assert load(os.path.join(out, 'last.pt'))['args']['seed'] == 2 ** 32 - 1
+
+
+def test_a_process_with_no_test_images_evaluates_to_an_empty_sum():
+    """Under torchrun a test split smaller than the processes leaves a rank without images: its share is empty."""
+    from realnvp import nll_per_image
+    model = RealNVP(img_size=4, **TINY)
+    empty = torch.zeros((0, 1, 4, 4), dtype=torch.uint8)
+    assert nll_per_image(model, empty).shape == (0,) and nll_per_image(model, empty, terms=True) == {}
+    assert nll_per_image(model, torch.zeros((3, 1, 4, 4), dtype=torch.uint8)).shape == (3,)

@@ -15,7 +15,6 @@ Each run writes to its own folder: config.json, train.log, metrics.csv, curves.p
 samples_epochNNN.png, last.pt and best.pt (by test bpd).
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -28,9 +27,8 @@ import torch
 from tqdm import tqdm
 
 import plumbing as P
-from realnvp import (DATASETS, DataNotFoundError, ImageDataset, RealNVP, RealNVPConfig, RealNVPLoss, SkipGuard,
-                     WeightAverage, bits_per_dim, make_optimizer, nll_per_image, refresh_batch_norm, to_unit,
-                     train_step)
+from realnvp import (DATASETS, RealNVP, RealNVPConfig, RealNVPLoss, SkipGuard, WeightAverage, bits_per_dim,
+                     make_optimizer, nll_per_image, refresh_batch_norm, to_unit, train_step)
 
 # The two recipes, each complete: every training setting and the model it trains.
 RECIPES = {
@@ -39,6 +37,8 @@ RECIPES = {
     'lecture': dict(lr=1e-3, weight_decay=0.0, warmup_steps=0, lr_decay=0.0, ema_decay=0.0, bn_refresh=0,
                     **P.model_flags(RealNVPConfig.lecture())),
 }
+
+EVAL_BATCH = 1024   # test images a forward pass of the end-of-epoch evaluation takes
 
 # What --resume does with each flag: FROZEN ones define the model, the data or the optimisation and come from
 # the checkpoint (giving another value is an error); KEPT ones also come from it unless given again; PER_RUN
@@ -59,17 +59,16 @@ def build_parser():
                                 allow_abbrev=False)
     a = p.add_argument
     a('--epochs', type=P.non_negative_int, default=10, help='passes over the training set (default 10)')
-    a('--batch-size', type=P.positive_int, default=128,
-      help='images per optimizer step, over all processes (default 128). Every step gets exactly this many: the '
-           'last batch of an epoch is filled up from the start of that epoch\'s shuffled order')
+    a('--batch-size', type=P.positive_int, default=128, help='images per optimizer step, over all processes; the '
+      'last batch of an epoch is filled up from the start of the epoch\'s order (default 128)')
     a('--recipe', choices=tuple(RECIPES), default='default',
       help='default: the model and training described above; lecture: the lecture notebook\'s model and Adam at '
            '1e-3, nothing else. The flags marked [recipe] and the model\'s flags override single settings of it')
     a('--lr', type=P.positive_float, help='[recipe] Adam learning rate (default 1e-3; lecture 1e-3)')
     a('--weight-decay', type=P.non_negative_float,
       help='[recipe] L2 penalty on the weight-norm scales only, as in the RealNVP paper (default 5e-5; lecture 0)')
-    a('--warmup-steps', type=P.non_negative_int, metavar='N',
-      help='[recipe] raise the learning rate linearly over the first N steps (default 0; lecture 0)')
+    a('--warmup-steps', type=P.non_negative_int, metavar='N', help='[recipe] raise the learning rate linearly over '
+      'the first N steps (default 0; lecture 0)')
     a('--lr-decay', type=P.unit_interval, metavar='F',
       help='[recipe] lower the learning rate linearly to 0 over the last fraction F of the run\'s --epochs '
            '(default 0.2; lecture 0)')
@@ -88,25 +87,25 @@ def build_parser():
 
 def add_run_flags(p):
     a = p.add_argument
-    a('--digits', type=int, nargs='+', default=None, metavar='D',
-      help='keep only these labels, e.g. --digits 0 2 as in the lecture (default: all)')
+    a('--digits', type=int, nargs='+', metavar='D', help='keep only these labels, e.g. --digits 0 2 as in the '
+      'lecture (default: all)')
     a('--dataset', choices=DATASETS, default='mnist', help='data set (default mnist)')
     a('--data-dir', default='./data', help='folder holding MNIST/raw/ (torchvision layout) (default ./data)')
-    a('--out-dir', default=None, help='run folder (default: runs/<date-time>, or the folder of --resume)')
+    a('--out-dir', help='run folder (default: runs/<date-time>, or the folder of --resume)')
     a('--seed', type=P.seed, default=0, help='seed for weights, batches and dequantisation noise (default 0)')
-    a('--resume', default=None, metavar='PATH',
+    a('--resume', metavar='PATH',
       help='continue from a last.pt (or best.pt) of an earlier run, in its own folder; a checkpoint older than '
            'that folder\'s last.pt is refused there (it would overwrite it): give a new --out-dir to branch')
-    a('--max-steps', type=P.positive_int, default=None, metavar='N',
-      help='stop once N optimizer steps are done in all (for quick runs; counts across --resume)')
-    a('--sample-every', type=P.positive_int, default=1, metavar='N',
-      help='write a sample grid after the first epoch and every N epochs (default 1)')
+    a('--max-steps', type=P.positive_int, metavar='N', help='stop once N optimizer steps are done in all (for quick '
+      'runs; counts across --resume)')
+    a('--sample-every', type=P.positive_int, default=1, metavar='N', help='write a sample grid after the first '
+      'epoch and every N epochs (default 1)')
     a('--log-every', type=P.positive_int, default=10, metavar='N',
       help='refresh the progress bar\'s bpd every N steps (reading it costs a device sync); with several '
            'processes, Ctrl-C is also acted on at these steps (default 10)')
-    a('--max-bad-steps', type=P.positive_int, default=20, metavar='N',
-      help='stop when N steps in a row had a non-finite loss or gradient (default 20)')
-    a('--device', default=None, help='cpu, cuda, cuda:N or mps (default: CUDA, then MPS, then CPU)')
+    a('--max-bad-steps', type=P.positive_int, default=20, metavar='N', help='stop when N steps in a row had a '
+      'non-finite loss or gradient (default 20)')
+    a('--device', help='cpu, cuda, cuda:N or mps (default: CUDA, then MPS, then CPU)')
     a('--amp', action=argparse.BooleanOptionalAction, default=None,
       help='bf16 autocast for the s/t networks (training, the batch-norm refresh and the test bpd); couplings, '
            'log-dets and loss stay fp32. Faster at the same bpd where the hardware has bf16 (CUDA GPUs of compute '
@@ -118,14 +117,7 @@ def add_run_flags(p):
     a('--deterministic', action='store_true',
       help='deterministic kernels only (no cuDNN autotuning), so that a --resume on CUDA continues bit-exactly '
            'as it does on a CPU; a little slower')
-    a('--num-threads', type=P.positive_int, default=None, help='CPU threads for PyTorch (default: its own choice)')
-
-
-def given_flags(argv):
-    """The dests of the flags written on `argv`: parsed once more with every default replaced by a marker."""
-    probe, unset = build_parser(), object()
-    probe.set_defaults(**dict.fromkeys(vars(probe.parse_args([])), unset))
-    return {dest for dest, value in vars(probe.parse_args(argv)).items() if value is not unset}
+    a('--num-threads', type=P.positive_int, help='CPU threads for PyTorch (default: its own choice)')
 
 
 def parse_args(argv=None):
@@ -133,7 +125,7 @@ def parse_args(argv=None):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    given = given_flags(argv)
+    given = P.given_flags(build_parser, argv)
     args.digits = sorted(set(args.digits)) if args.digits else None
     try:
         for key, value in RECIPES[args.recipe].items():
@@ -144,17 +136,19 @@ def parse_args(argv=None):
         if args.amp is None:
             args.amp = P.native_bf16(device)[0]
         config = P.config_from_args(args)  # the architecture can take these sizes
-        P.check_memory(config.activation_bytes(args.batch_size), f'a training step of {args.batch_size} images '
-                       f'at {args.image_size}x{args.image_size}', 'a smaller --batch-size or --image-size')
+        P.check_memory(P.memory_needed(config, args.batch_size, EVAL_BATCH), f'training {args.batch_size} images a '
+                       f'step at {args.image_size}x{args.image_size}', 'a smaller --batch-size or --image-size')
         if ckpt is not None and args.max_steps and args.max_steps <= ckpt['state']['step']:
             raise ValueError(f'--max-steps {args.max_steps} is not past the checkpoint\'s step '
                              f'{ckpt["state"]["step"]}: there is nothing to train')
+        if ckpt is not None and args.epochs <= ckpt['state']['epoch']:
+            raise ValueError(f'--epochs {args.epochs} is not past the checkpoint\'s epoch {ckpt["state"]["epoch"]}: '
+                             f'there is nothing to train; give a larger --epochs')
         if args.out_dir:
             P.check_writable_folder(args.out_dir, f'--out-dir {args.out_dir}')
-            P.check_run_folder(args.out_dir, ckpt, args.resume)
-        own_folder = ckpt is not None and os.path.exists(os.path.join(args.out_dir, 'last.pt'))
-        args.run_id = ckpt['run_id'] if own_folder else uuid.uuid4().hex[:12]
-        args.branched_from = ckpt['run_id'] if ckpt is not None and not own_folder else None
+        own = P.check_run_folder(args.out_dir, ckpt, args.resume) if args.out_dir else None
+        args.run_id = own or uuid.uuid4().hex[:12]
+        args.branched_from = ckpt['run_id'] if ckpt is not None and own is None else None
         return args, ckpt, device
     except ValueError as e:
         parser.error(str(e))
@@ -162,10 +156,13 @@ def parse_args(argv=None):
 
 def resume_settings(args, given):
     """With --resume: load the checkpoint, refuse changed FROZEN flags, take FROZEN and KEPT ones from it."""
-    _, ckpt = P.load_checkpoint(args.resume)  # one-line errors for a missing, corrupt or misfitting file
-    if not all(key in ckpt for key in ('train_model', 'optimizer', 'rng', 'state', 'args', 'run_id')):
+    model, ckpt = P.load_checkpoint(args.resume)  # one-line errors for a missing, corrupt or misfitting file
+    if not all(key in ckpt for key in ('train_model', 'optimizer', 'rng', 'state', 'args', 'run_id', 'data')):
         raise ValueError(f'{args.resume} holds weights but not the state to resume from (optimizer, step, random '
                          f'numbers); sample.py and evaluate.py can use it, or start a new run')
+    defaults = {**vars(build_parser().parse_args([])), 'amp': True}   # the types the flags have once parsed
+    P.check_resumable(ckpt, model, args.resume, {k: defaults[k] for k, p in RESUME_POLICY.items() if p != PER_RUN},
+                      RECIPES)
     saved = ckpt['args']
     for key, policy in RESUME_POLICY.items():
         if policy == FROZEN and key in given and getattr(args, key) != saved[key]:
@@ -192,20 +189,10 @@ class TrainState:
     epoch_count: float = 0.0  # resume in the middle of an epoch
 
 
-@dataclass
-class Data:
-    """The data as uint8 on the device: the whole training split, and this process's share of the test split."""
-    train: torch.Tensor
-    test: torch.Tensor
-    n_test: int        # images in the whole test split
-    fingerprint: dict  # sizes and a hash of both splits, kept in checkpoints: a resume must see the same data
-
-
 class Stop(Exception):
     """Leave the training loop: why, the exit code, and whether there is something to save."""
 
     def __init__(self, why, code, save):
-        super().__init__(why)
         self.why, self.code, self.save = why, code, save
 
 
@@ -218,17 +205,11 @@ def learning_rate(args, step, total):
     return args.lr * warmup * decay
 
 
-def epoch_order(n, seed, epoch, steps, local_batch, dist):
+def epoch_order(n, seed, epoch, steps, batch_size, dist):
     """This process's image indices for one epoch: a permutation seeded by the seed and the epoch (the same on
-    every rank and after a resume), dealt out to the ranks, then repeated to fill `steps` full batches."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-    return fill_batches(dist.shard(order), steps, local_batch)
-
-
-def fill_batches(order, steps, batch_size):
-    """The first steps * batch_size entries of `order` repeated: the last batch is filled up from the start."""
-    needed = steps * batch_size
-    return order.repeat(math.ceil(needed / len(order)))[:needed]
+    every rank and after a resume), dealt out to the ranks, and repeated from its start to fill `steps` batches."""
+    order = dist.shard(torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)))
+    return order.repeat(math.ceil(steps * batch_size / len(order)))[:steps * batch_size]
 
 
 # -----------------------------------------------------------------------------
@@ -251,27 +232,21 @@ class Trainer:
         with P.Interrupt() as interrupt:
             self.announce()
             try:
-                while self.state.epoch < self.args.epochs and not self.reached_max_steps():
+                while self.state.epoch < self.args.epochs and self.state.step < (self.args.max_steps or math.inf):
                     seconds, images = self.train_epoch(interrupt)
                     self.end_epoch(seconds, images)
             except Stop as stop:
                 return self.leave(stop)
         s, last = self.state, self.run.path('last.pt')
-        if s.epoch < self.args.epochs:
-            self.run.log(f'reached --max-steps {self.args.max_steps} at step {s.step}: saved {last}; continue with '
-                         f'--resume {last}')
-        else:
-            self.run.log(f'done: step {s.step}, best test bpd {s.best_bpd:.4f}; checkpoints in {self.run.dir}'
-                         if s.epoch > 0 else f'done: --epochs {self.args.epochs} trains nothing; no checkpoint written')
+        self.run.log(f'reached --max-steps {self.args.max_steps} at step {s.step}: saved {last}; continue with '
+                     f'--resume {last}' if s.epoch < self.args.epochs else
+                     f'done: step {s.step}, best test bpd {s.best_bpd:.4f}; checkpoints in {self.run.dir}' if s.epoch
+                     else f'done: --epochs {self.args.epochs} trains nothing; no checkpoint written')
         self.dist.check_ranks_agree(self.model, self.run.log)
         return 0
 
     def announce(self):
         args, s = self.args, self.state
-        if not os.path.exists(self.run.path('config.json')):
-            self.run.write('config.json', json.dumps(dict(
-                run_id=args.run_id, branched_from=args.branched_from, args=vars(args), model=asdict(self.model.config),
-                data=self.data.fingerprint, world_size=self.dist.world), indent=2))
         if args.resume:
             self.run.log(f'resumed from {args.resume} at epoch {s.epoch}, step {s.step}'
                          + (f', branching into {self.run.dir} as run {args.run_id}' if args.branched_from else ''))
@@ -285,9 +260,6 @@ class Trainer:
         self.run.log(f'{args.dataset} {args.image_size}x{args.image_size}: {len(self.data.train)} train, '
                      f'{self.data.n_test} test images; {n_params / 1e6:.2f}M parameters; recipe {args.recipe}')
         self.run.log('training')
-
-    def reached_max_steps(self):
-        return self.args.max_steps is not None and self.state.step >= self.args.max_steps
 
     def steps_per_epoch(self):
         return math.ceil(math.ceil(len(self.data.train) / self.dist.world) / (self.args.batch_size // self.dist.world))
@@ -309,8 +281,9 @@ class Trainer:
                     self.guard.set_lr(learning_rate(args, s.step, args.epochs * steps))
                     loss, bad = train_step(self.net, self.guard, self.loss_fn, to_unit(self.data.train[idx]),
                                            self.autocast)
-                    self.average.update(self.model, s.step + 1)
-                    totals += torch.stack([torch.where(bad > 0, 0.0, loss.double() * batch), (1.0 - bad).double() * batch])
+                    self.average.update(self.model, s.step + 1, bad)
+                    totals += torch.stack([torch.where(bad > 0, 0.0, loss.double() * batch),
+                                           (1.0 - bad).double() * batch])
                     bad_run, skipped = (bad_run + 1) * bad, skipped + bad
                     s.step, images = s.step + 1, images + batch * self.dist.world
                     last, shown = i == steps - 1, s.step % args.log_every == 0 or i == steps - 1
@@ -318,8 +291,9 @@ class Trainer:
                         loss_sum, count = totals.tolist()
                         bar.set_postfix(bpd=f'{self.bpd(loss_sum / max(count, 1)):.3f}',
                                         img_s=f'{images / (time.time() - t0):.1f}')
-                    self.check_stop(interrupt, bad_run if shown else None, shown or s.step % self.dist.sync_every == 0,
-                                    last)
+                    read_bad = shown or s.step % min(args.log_every, args.max_bad_steps) == 0
+                    sync = shown or s.step % self.dist.sync_every == 0
+                    self.check_stop(interrupt, bad_run if read_bad else None, sync, last)
             finally:
                 s.epoch_loss, s.epoch_count = totals.tolist()
                 s.skipped += int(skipped.item())
@@ -333,11 +307,11 @@ class Trainer:
             raise Stop(f'{int(bad_run.item())} steps in a row had a non-finite loss or gradient', 1, save=False)
         if sync and self.dist.any(interrupt.caught):
             raise Stop('interrupted', 130, save=True)
-        if self.reached_max_steps() and not last:
+        if self.state.step == self.args.max_steps and not last:
             raise Stop(f'reached --max-steps {self.args.max_steps}', 0, save=True)
 
     def bpd(self, nats_per_image):
-        return bits_per_dim(self.data.train[:1], nats_per_image)
+        return bits_per_dim(self.data.train[:1], nats_per_image)   # D from one image
 
     def end_epoch(self, seconds, images):
         """Evaluate, checkpoint, log, plot and sample at the end of an epoch, with last.pt written last: it is
@@ -346,6 +320,7 @@ class Trainer:
         loss, count = self.dist.all_reduce(torch.tensor([s.epoch_loss, s.epoch_count], device=self.dist.device,
                                                         dtype=torch.float64)).tolist()
         train_bpd = self.bpd(loss / count) if count else float('nan')
+        self.dist.average_buffers(self.model)   # each rank's statistics saw only its own batches: agree on them
         users = self.users_model()
         bpd = self.test_bpd(users)
         s.epoch, s.epoch_loss, s.epoch_count = s.epoch + 1, 0.0, 0.0
@@ -355,7 +330,8 @@ class Trainer:
         if is_best:
             self.run.write('best.pt', blob)
         self.rows.append(dict(epoch=s.epoch, step=s.step, train_bpd=f'{train_bpd:.5f}', test_bpd=f'{bpd:.5f}',
-                              skipped_steps=s.skipped, seconds=f'{seconds:.1f}', images_per_s=f'{images / seconds:.1f}'))
+                              skipped_steps=s.skipped, seconds=f'{seconds:.1f}',
+                              images_per_s=f'{images / seconds:.1f}'))
         self.run.write_metrics(self.rows)
         if self.run.active and (s.epoch == 1 or s.epoch % self.args.sample_every == 0):
             fixed_z = torch.randn((64, *self.model.shape), generator=torch.Generator().manual_seed(self.args.seed))
@@ -367,8 +343,8 @@ class Trainer:
     def users_model(self):
         """The model that evaluation, sample grids and checkpoints get: the weight average, with batch-norm
         statistics recomputed for its weights over --bn-refresh training batches (with 0, the trained model's
-        running statistics). The trained model itself is left as it is, so training goes on unchanged."""
-        self.dist.average_buffers(self.model)
+        running statistics, averaged over the ranks: each saw only its own batches). The trained model itself is
+        left as it is, so training goes on unchanged, and a run stopped here resumes exactly."""
         users = self.average.model
         if self.args.bn_refresh:
             with self.autocast:   # the statistics of the density training optimises
@@ -376,6 +352,7 @@ class Trainer:
         else:
             for mine, trained in zip(users.buffers(), self.model.buffers()):
                 mine.copy_(trained)
+            self.dist.average_buffers(users)
         return users
 
     def refresh_batches(self):
@@ -392,7 +369,7 @@ class Trainer:
         """Test bpd of the users' model over the whole test split (each process evaluates its share), under
         --amp's autocast: the density function training optimised."""
         with self.autocast:
-            nll = nll_per_image(users, self.data.test, batch_size=1024).double()
+            nll = nll_per_image(users, self.data.test, batch_size=EVAL_BATCH).double()
         total = self.dist.all_reduce(torch.stack([nll.sum(), torch.tensor(float(len(nll)), device=self.dist.device,
                                                                           dtype=torch.float64)]))
         return self.bpd((total[0] / total[1]).item())
@@ -401,12 +378,15 @@ class Trainer:
         """The checkpoint, serialised on rank 0 (None elsewhere): the config, the users' model (`model`: what
         sample.py and evaluate.py load), the trained model and optimizer, the arguments, every rank's RNG and the
         TrainState. Raises Stop, on every rank (they hold the same tensors), when anything is not finite."""
-        device = self.dist.device
-        rng = {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None}
+        cuda = self.dist.device.type == 'cuda'
+        rng = {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(self.dist.device) if cuda else None}
+        state = asdict(self.state)   # with the epoch's totals so far summed over the ranks
+        state['epoch_loss'], state['epoch_count'] = self.dist.all_reduce(torch.tensor(
+            [state['epoch_loss'], state['epoch_count']], device=self.dist.device, dtype=torch.float64)).tolist()
         ckpt = dict(format=P.CHECKPOINT_FORMAT, config=asdict(self.model.config), model=users.state_dict(),
                     train_model=self.model.state_dict(), optimizer=self.guard.optimizer.state_dict(),
                     args=vars(self.args), rng=self.dist.gather(rng), run_id=self.args.run_id,
-                    data=self.data.fingerprint, world_size=self.dist.world, state=asdict(self.state))
+                    data=self.data.fingerprint, world_size=self.dist.world, state=state)
         bad = P.non_finite_tensor({k: ckpt[k] for k in ('model', 'train_model', 'optimizer')})
         if bad is not None:
             raise Stop(f'{bad} is not finite', 1, save=False)
@@ -414,17 +394,16 @@ class Trainer:
 
     def leave(self, stop):
         """Log why the run stops early, save where there is something to keep, return the exit code."""
-        s, last = self.state, self.run.path('last.pt')
-        if stop.save:
-            try:
+        last = self.run.path('last.pt')
+        try:
+            if stop.save:
                 self.run.write('last.pt', self.checkpoint(self.users_model()))
-            except Stop as non_finite:
-                stop = non_finite
-        if not stop.save:
-            self.run.log(f'stopping at step {s.step}: {stop.why}; lower --lr or --max-grad-norm. '
-                         f'Nothing was saved: the last checkpoint is untouched.')
-            return stop.code
-        self.run.log(f'{stop.why} at step {s.step}: saved {last}; continue with --resume {last}')
+                self.run.log(f'{stop.why} at step {self.state.step}: saved {last}; continue with --resume {last}')
+                return stop.code
+        except Stop as non_finite:
+            stop = non_finite
+        self.run.log(f'stopping at step {self.state.step}: {stop.why}; lower --lr or --max-grad-norm. Nothing was '
+                     f'saved: the last checkpoint is untouched.')
         return stop.code
 
 
@@ -432,65 +411,36 @@ class Trainer:
 # Set-up
 
 
-def load_data(args, dist, ckpt):
-    """The run's data on the device; missing, empty or (on --resume) other data exits 1 with one line."""
-    try:
-        train_set, test_set = (ImageDataset(args.dataset, args.data_dir, train=train, img_size=args.image_size,
-                                            digits=args.digits) for train in (True, False))
-    except (DataNotFoundError, ValueError) as e:
-        P.die('train.py', e)
-    fingerprint = P.data_fingerprint(train_set.images, test_set.images)
-    if ckpt is not None and ckpt['data'] != fingerprint:
-        P.die('train.py', f'the data in {args.data_dir} ({fingerprint["train"]} train, {fingerprint["test"]} test '
-                          f'images) are not the data this run trained on ({ckpt["data"]["train"]} train, '
-                          f'{ckpt["data"]["test"]} test images, another hash); point --data-dir at those')
-    return Data(train=train_set.images.to(dist.device), test=dist.shard(test_set.images).to(dist.device),
-                n_test=len(test_set), fingerprint=fingerprint)
-
-
-def restore(ckpt, model, average, optimizer, dist, seed):
-    """The TrainState to start from: fresh, or the checkpoint's, with its trained weights and weight average,
-    optimizer and this rank's RNG."""
-    torch.manual_seed(seed + dist.rank)  # dequantisation noise differs per rank
-    if ckpt is None:
-        return TrainState()
-    model.load_state_dict(ckpt['train_model'])
-    average.model.load_state_dict(ckpt['model'])
-    optimizer.load_state_dict(ckpt['optimizer'])
-    rng = ckpt['rng'][min(dist.rank, len(ckpt['rng']) - 1)]   # a run resumed on fewer processes takes rank 0's
-    torch.set_rng_state(rng['cpu'])
-    if dist.device.type == 'cuda' and rng['cuda'] is not None:
-        torch.cuda.set_rng_state(rng['cuda'], dist.device)
-    return TrainState(**ckpt['state'])
-
-
 def main(argv=None):
     args, ckpt, device = parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     P.set_determinism(args.deterministic, device)
-    dist = P.Dist.start(device, args.log_every)
+    dist, run = P.Dist(device, args.log_every), None
     try:
         if args.batch_size % dist.world != 0:
             P.die('train.py', f'--batch-size {args.batch_size} must be divisible by the {dist.world} processes', 2)
         args.out_dir = dist.broadcast(args.out_dir or os.path.join('runs', time.strftime('%Y%m%d-%H%M%S-')
                                                                    + args.run_id[:4]))
-        data = load_data(args, dist, ckpt)
-        run = P.RunFolder(args.out_dir, active=dist.rank == 0)   # holds the folder's lock from here on
-        if run.active:
-            try:
-                P.check_run_folder(args.out_dir, ckpt, args.resume)   # again, under the lock: a run may have finished there meanwhile
-            except ValueError as e:
-                P.die('train.py', e)
+        data = P.load_run_data(args, dist, ckpt)
+        run = P.RunFolder(args.out_dir, active=dist.rank == 0)
+        record = dict(run_id=args.run_id, branched_from=args.branched_from, args=vars(args), data=data.fingerprint,
+                      model=asdict(P.config_from_args(args)), world_size=dist.world)
+        refused = dist.broadcast(run.take(ckpt, args.resume, record) if run.active else None)   # holds the lock
+        if refused:
+            P.die('train.py', refused)
         torch.manual_seed(args.seed)
         model = RealNVP(P.config_from_args(args)).to(dist.device)
         optimizer = make_optimizer(model, args.lr, args.weight_decay)
         average = WeightAverage(model, args.ema_decay)
-        state = restore(ckpt, model, average, optimizer, dist, args.seed)
+        torch.manual_seed(args.seed + dist.rank)  # dequantisation noise differs per rank
+        state = TrainState(**P.restore(ckpt, model, average, optimizer, dist.rank, dist.device) if ckpt else {})
         return Trainer(args, run, dist, data, model, average, optimizer, state).fit()
     except P.CheckpointError as e:   # a full disk, a folder gone: the files there before are untouched
         P.die('train.py', e)
     finally:
+        if run is not None:
+            run.close()
         dist.close()
 
 
