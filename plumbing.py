@@ -610,14 +610,13 @@ class RunFolder:
     names the run, is written first, and last.pt, the commit point of an epoch, last."""
 
     def __init__(self, out_dir, active):
-        self.dir, self.active = out_dir, active
+        self.dir, self.active, self.lock = out_dir, active, None
 
     def take(self, ckpt, resume, record):
-        """Rank 0 takes the folder for the run `record` (config.json's content) describes: creates it, locks it for
-        the run's lifetime (the kernel drops the lock when the process ends, however it ends), checks it again under
-        the lock (another run may have written there since the flags were read), removes the temporaries of a
-        process that died mid-write (only the project's own), and writes config.json unless it names this run
-        already. Returns None, or why the folder cannot be taken: one line, for every rank to exit with."""
+        """Rank 0 takes the folder for the run that `record` (config.json) describes: makes it, locks it while the
+        run lives (the kernel drops the lock however the process ends), checks it again under the lock, removes
+        the project's own temporaries of a process that died mid-write, and writes config.json unless it names this
+        run already. Returns None, or why the folder cannot be taken: one line, for every rank to exit with."""
         try:
             os.makedirs(self.dir, exist_ok=True)
             self.lock = open(self.path('.lock'), 'a+')
@@ -645,7 +644,7 @@ class RunFolder:
 
     def close(self):
         """Let the folder go: the lock is dropped (as it is, anyway, when the process ends)."""
-        if getattr(self, 'lock', None) is not None:
+        if self.lock is not None:
             self.lock.close()
 
     def path(self, name):
@@ -697,8 +696,7 @@ class RunFolder:
         epochs = [int(r['epoch']) for r in rows]
         ax.plot(epochs, [float(r['train_bpd']) for r in rows], 'o-', label='train')
         ax.plot(epochs, [float(r['test_bpd']) for r in rows], 's-', label='test')
-        ax.set_xlabel('epoch')
-        ax.set_ylabel('bits per dimension')
+        ax.set(xlabel='epoch', ylabel='bits per dimension')
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()

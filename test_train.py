@@ -770,3 +770,18 @@ def test_a_process_with_no_test_images_evaluates_to_an_empty_sum():
     empty = torch.zeros((0, 1, 4, 4), dtype=torch.uint8)
     assert nll_per_image(model, empty).shape == (0,) and nll_per_image(model, empty, terms=True) == {}
     assert nll_per_image(model, torch.zeros((3, 1, 4, 4), dtype=torch.uint8)).shape == (3,)
+
+
+def test_one_memory_estimate_covers_the_weights_a_training_step_and_the_evaluation_batches(monkeypatch):
+    config = RealNVPConfig(img_size=8, **TINY)
+    params = sum(p.numel() for p in RealNVP(config).parameters())
+    weights = plumbing.memory_needed(config)
+    assert weights == 4 * params
+    ten, twenty = plumbing.memory_needed(config, eval_batch=10), plumbing.memory_needed(config, eval_batch=20)
+    assert twenty - ten == ten - weights > 0   # in proportion to the evaluation batch
+    assert plumbing.memory_needed(config, train_batch=10) > 5 * 4 * params   # optimizer state, kept activations
+    seen = []
+    monkeypatch.setattr(plumbing, 'check_memory', lambda needed, what, advice: seen.append(needed))
+    train.parse_args(['--device', 'cpu', *TINY_RUN[:8]])
+    tiny = RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1)
+    assert seen == [plumbing.memory_needed(tiny, 16, train.EVAL_BATCH)]   # the step and the test batches both

@@ -91,7 +91,7 @@ def add_run_flags(p):
       'lecture (default: all)')
     a('--dataset', choices=DATASETS, default='mnist', help='data set (default mnist)')
     a('--data-dir', default='./data', help='folder holding MNIST/raw/ (torchvision layout) (default ./data)')
-    a('--out-dir', help='run folder (default: runs/<date-time>, or the folder of --resume)')
+    a('--out-dir', help='run folder (default: runs/<date-time>-<run id>, or the folder of --resume)')
     a('--seed', type=P.seed, default=0, help='seed for weights, batches and dequantisation noise (default 0)')
     a('--resume', metavar='PATH',
       help='continue from a last.pt (or best.pt) of an earlier run, in its own folder; a checkpoint older than '
