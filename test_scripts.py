@@ -238,6 +238,7 @@ def folder_bytes(path):
     return {name: open(os.path.join(path, name), 'rb').read() for name in sorted(os.listdir(path)) if name != '.lock'}
 
 
+@pytest.mark.slow   # its fixture trains a run in a subprocess
 @pytest.mark.parametrize('name,args,code,words', BAD_INPUT, ids=[f'{n}-{i}' for i, (n, *_) in enumerate(BAD_INPUT)])
 def test_bad_input_gives_one_clear_line(name, args, code, words, bad_files, monkeypatch, capsys):
     runs = ('run', 'garbage', 'badmetrics')

@@ -300,9 +300,8 @@ class Trainer:
         return time.time() - t0, images
 
     def check_stop(self, interrupt, bad_run, sync, last):
-        """Raise Stop when training must stop after this step: `bad_run` (the count of bad steps in a row, or None:
-        not read this step) has reached --max-bad-steps, a signal came (read on all ranks when `sync`), or
-        --max-steps is reached inside the epoch (at its last step, the epoch ends first)."""
+        """Raise Stop after this step if `bad_run` (bad steps in a row; None: not read now) reached --max-bad-steps,
+        a signal came (read on all ranks when `sync`), or --max-steps is reached before the epoch's last step."""
         if bad_run is not None and bad_run.item() >= self.args.max_bad_steps:
             raise Stop(f'{int(bad_run.item())} steps in a row had a non-finite loss or gradient', 1, save=False)
         if sync and self.dist.any(interrupt.caught):
@@ -342,9 +341,8 @@ class Trainer:
 
     def users_model(self):
         """The model that evaluation, sample grids and checkpoints get: the weight average, with batch-norm
-        statistics recomputed for its weights over --bn-refresh training batches (with 0, the trained model's
-        running statistics, averaged over the ranks: each saw only its own batches). The trained model itself is
-        left as it is, so training goes on unchanged, and a run stopped here resumes exactly."""
+        statistics recomputed for its weights over --bn-refresh training batches (with 0, the trained model's,
+        averaged over the ranks). The trained model is left as it is: a run stopped here resumes exactly."""
         users = self.average.model
         if self.args.bn_refresh:
             with self.autocast:   # the statistics of the density training optimises
@@ -420,8 +418,8 @@ def main(argv=None):
     try:
         if args.batch_size % dist.world != 0:
             P.die('train.py', f'--batch-size {args.batch_size} must be divisible by the {dist.world} processes', 2)
-        args.out_dir = dist.broadcast(args.out_dir or os.path.join('runs', time.strftime('%Y%m%d-%H%M%S-')
-                                                                   + args.run_id[:4]))
+        args.out_dir, args.run_id = dist.broadcast((args.out_dir or os.path.join(  # rank 0's, on every rank
+            'runs', time.strftime('%Y%m%d-%H%M%S-') + args.run_id[:4]), args.run_id))
         data = P.load_run_data(args, dist, ckpt)
         run = P.RunFolder(args.out_dir, active=dist.rank == 0)
         record = dict(run_id=args.run_id, branched_from=args.branched_from, args=vars(args), data=data.fingerprint,
