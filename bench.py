@@ -143,8 +143,8 @@ def training_step(args, config, device):
     """(model, autocast, images, step): a model of `config` in train mode and a function doing one training step."""
     torch.manual_seed(0)
     model = RealNVP(config).to(device).train()
+    guard = SkipGuard(model, make_optimizer(model, 1e-3, 5e-5), 100.0, compile=args.compile)
     net = P.compile_model(model, device) if args.compile else model
-    guard = SkipGuard(make_optimizer(model, 1e-3, 5e-5), 100.0, compile=args.compile)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
     images = torch.randint(0, 256, (args.batch_size, *model.shape), dtype=torch.uint8, device=device)
     loss_fn = RealNVPLoss()

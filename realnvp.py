@@ -618,7 +618,7 @@ def refresh_batch_norm(model, batches):
 class SkipGuard:
     """What a training step does after its backward pass: clip the gradient norm, decide whether the step is bad
     (a non-finite loss or gradient, on any process: `reduce_max` takes the maximum over processes), put the
-    batch-norm buffers back if it is, and step the optimizer unless it is.
+    batch-norm buffers (`model`'s) back if it is, and step the optimizer unless it is.
 
     A fused Adam (CUDA, CPU) reads the decision from `found_inf`, one device buffer kept for the whole run, and
     leaves weights and moments untouched when it is 1, so nothing here asks the host; any other optimizer asks
@@ -626,8 +626,11 @@ class SkipGuard:
     decide; put back and hand over the decision), with CUDA graphs on CUDA. The optimizer step itself stays
     outside: torch does not trace into fused optimizers (it is one multi-tensor launch per parameter group)."""
 
-    def __init__(self, optimizer, max_grad_norm, reduce_max=lambda t: t, compile=False):
+    def __init__(self, model, optimizer, max_grad_norm, reduce_max=lambda t: t, compile=False):
         self.optimizer, self.max_grad_norm, self.reduce_max = optimizer, max_grad_norm, reduce_max
+        self.buffers = {}   # {dtype: [buffer]}: saved and put back a few launches a dtype, not several a buffer
+        for buffer in model.buffers():
+            self.buffers.setdefault(buffer.dtype, []).append(buffer)
         self.params = [p for g in optimizer.param_groups for p in g['params']]
         self.fused = bool(optimizer.defaults.get('fused'))
         if self.fused:   # read by the fused kernel itself: the one documented way to skip without a sync
@@ -642,10 +645,14 @@ class SkipGuard:
         for group in self.optimizer.param_groups:
             group['lr'] = lr
 
-    def step(self, loss, buffers, before):
+    def snapshot(self):
+        """The buffers as they are before a step: one flat copy per dtype."""
+        return [torch.cat([b.reshape(-1) for b in group]) for group in self.buffers.values()]
+
+    def step(self, loss, before):
         """Returns bad: 1.0 when the step was skipped, as a 0-dim device tensor."""
         bad = self.reduce_max(self.check(loss))
-        self.commit(bad, buffers, before)
+        self.commit(bad, self.buffers, before)
         if self.fused or not bad.item():
             self.optimizer.step()
         return bad
@@ -655,8 +662,13 @@ class SkipGuard:
         return (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
 
     def _commit(self, bad, buffers, before):
-        for buffer, old in zip(buffers, before):
-            buffer.copy_(torch.where(bad > 0, old, buffer))
+        # torch.where, not a lerp by `bad`: a bad step can leave NaN in the statistics, and 0 * NaN is NaN.
+        # torch._foreach_copy_ (private) is the multi-tensor copy: one launch for the group, not one a buffer.
+        skip = bad > 0
+        for group, old in zip(buffers.values(), before):
+            now = torch.where(skip, old, torch.cat([b.reshape(-1) for b in group]))
+            torch._foreach_copy_(group, [part.view_as(b) for part, b in zip(now.split([b.numel() for b in group]),
+                                                                                   group)])
         if self.fused:
             self.optimizer.found_inf.copy_(bad)
 
@@ -665,15 +677,14 @@ def train_step(model, guard, loss_fn, x, autocast):
     """One optimizer step: a non-finite loss or gradient skips the update (a `SkipGuard`) and leaves every piece
     of state (weights, optimizer moments, batch-norm statistics) as it was. Returns (loss, bad) as 0-dim device
     tensors."""
-    buffers = list(model.buffers())
-    before = [b.clone() for b in buffers]
+    before = guard.snapshot()
     with autocast:
         z, sldj = model(x, validate=False)
     loss = loss_fn(z.float(), sldj.float())
     guard.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     loss = loss.detach()
-    return loss, guard.step(loss, buffers, before)
+    return loss, guard.step(loss, before)
 
 
 # -----------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def test_non_finite_step_leaves_weights_and_optimizer_untouched(fused):
     torch.manual_seed(0)
     model = RealNVP(img_size=4, num_scales=2, **TINY)
     opt = torch.optim.Adam(get_param_groups(model, 5e-5), lr=1e-2, fused=fused)
-    guard = SkipGuard(opt, 100.0)
+    guard = SkipGuard(model, opt, 100.0)
     x = torch.rand(8, 1, 4, 4)
     loss, bad = train_step(model, guard, RealNVPLoss(), x, nullcontext())
     assert bad.item() == 0 and torch.isfinite(loss)
@@ -408,8 +408,8 @@ def test_the_skip_guard_asks_no_host_and_compiles_to_the_same_steps(monkeypatch,
     eager_model = RealNVP(img_size=4, num_scales=2, flow_norm=True, **TINY)
     compiled_model = copy.deepcopy(eager_model)
     graphs = counting_compile(monkeypatch)
-    eager = SkipGuard(make_optimizer(eager_model, 1e-3, 5e-5), 100.0)
-    compiled = SkipGuard(make_optimizer(compiled_model, 1e-3, 5e-5), 100.0, compile=True)
+    eager = SkipGuard(eager_model, make_optimizer(eager_model, 1e-3, 5e-5), 100.0)
+    compiled = SkipGuard(compiled_model, make_optimizer(compiled_model, 1e-3, 5e-5), 100.0, compile=True)
     found_inf = compiled.optimizer.found_inf
     g, compiled_after = torch.Generator().manual_seed(0), []
     for i in range(6):
@@ -424,9 +424,8 @@ def test_the_skip_guard_asks_no_host_and_compiles_to_the_same_steps(monkeypatch,
             assert torch.equal(a, b), (i, name)
         assert compiled.optimizer.found_inf is found_inf and found_inf.item() == (i == 3)
     assert compiled_after == [2] * 6
-    buffers = list(compiled_model.buffers())
     for half, inputs in ((compiled._check, (torch.tensor(1.0),)),
-                         (compiled._commit, (torch.tensor(0.0), buffers, [b.clone() for b in buffers]))):
+                         (compiled._commit, (torch.tensor(0.0), compiled.buffers, compiled.snapshot()))):
         explained = torch._dynamo.explain(half)(*inputs)
         assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
@@ -785,3 +784,34 @@ def test_one_memory_estimate_covers_the_weights_a_training_step_and_the_evaluati
     train.parse_args(['--device', 'cpu', *TINY_RUN[:8]])
     tiny = RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1)
     assert seen == [plumbing.memory_needed(tiny, 16, train.EVAL_BATCH)]   # the step and the test batches both
+
+
+def test_the_skip_guard_saves_and_puts_back_every_buffer_in_a_few_calls():
+    """The buffers are saved as one flat copy per dtype; a skipped step puts all of them back (also from NaN), a good
+    one keeps what it computed; counted with a dispatch mode, saving and putting back take a handful of operator
+    calls, not several per buffer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    torch.manual_seed(0)
+    model = RealNVP(img_size=4, num_scales=2, **TINY)
+    guard = SkipGuard(model, make_optimizer(model, 1e-2, 0.0), 100.0)
+    assert sum(len(group) for group in guard.buffers.values()) == len(list(model.buffers())) > 20
+    x = torch.rand(8, 1, 4, 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_step(model, guard, RealNVPLoss(), x, nullcontext())
+    moved = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(not torch.equal(moved[k], before[k]) for k in before if 'running' in k)
+    saved = guard.snapshot()
+    for b in model.buffers():
+        b.fill_(float('nan') if b.is_floating_point() else 7)   # what a bad step may leave
+    calls = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                calls.append(func)
+            return func(*args, **(kwargs or {}))
+    with Count():
+        guard._commit(torch.tensor(1.0), guard.buffers, saved)
+    # the decision, per dtype a cat, a where and one multi-tensor copy, and the fused Adam's found_inf
+    assert len(calls) == 2 + 3 * len(guard.buffers), calls
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in moved.items())

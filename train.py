@@ -220,9 +220,9 @@ class Trainer:
     def __init__(self, args, run, dist, data, model, average, optimizer, state):
         self.args, self.run, self.dist, self.data, self.state = args, run, dist, data, state
         self.model, self.average = model, average
-        net = dist.wrap(model)
+        self.guard = SkipGuard(model, optimizer, args.max_grad_norm, dist.reduce_max, compile=args.compile)
+        net = dist.wrap(model)   # after the guard made the buffers views: DDP keeps a list of them
         self.net = P.compile_model(net, dist.device) if args.compile else net
-        self.guard = SkipGuard(optimizer, args.max_grad_norm, dist.reduce_max, compile=args.compile)
         self.autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
         self.rows = run.read_metrics(state.epoch)
         self.loss_fn = RealNVPLoss()
