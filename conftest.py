@@ -159,7 +159,7 @@ def assert_one_line_error(result, code, *needles):
 
 
 def assert_same_weights(path_a, path_b):
-    """Two checkpoints at the same step with the same users' model, trained model and optimizer state."""
+    """Two checkpoints at the same step with the same averaged model, trained model and optimizer state."""
     a, b = load(path_a), load(path_b)
     assert a['state'] == b['state']
     for part in ('model', 'train_model'):

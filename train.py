@@ -320,12 +320,12 @@ class Trainer:
                                                         dtype=torch.float64)).tolist()
         train_bpd = self.bpd(loss / count) if count else float('nan')
         self.dist.average_buffers(self.model)   # each rank's statistics saw only its own batches: agree on them
-        users = self.users_model()
-        bpd = self.test_bpd(users)
+        averaged = self.averaged_model()
+        bpd = self.test_bpd(averaged)
         s.epoch, s.epoch_loss, s.epoch_count = s.epoch + 1, 0.0, 0.0
         is_best = bpd < s.best_bpd
         s.best_bpd = min(bpd, s.best_bpd)
-        blob = self.checkpoint(users)
+        blob = self.checkpoint(averaged)
         if is_best:
             self.run.write('best.pt', blob)
         self.rows.append(dict(epoch=s.epoch, step=s.step, train_bpd=f'{train_bpd:.5f}', test_bpd=f'{bpd:.5f}',
@@ -334,24 +334,24 @@ class Trainer:
         self.run.write_metrics(self.rows)
         if self.run.active and (s.epoch == 1 or s.epoch % self.args.sample_every == 0):
             fixed_z = torch.randn((64, *self.model.shape), generator=torch.Generator().manual_seed(self.args.seed))
-            self.run.write_grid(users.decode(fixed_z.to(self.dist.device)).cpu(), f'samples_epoch{s.epoch:03d}.png')
+            self.run.write_grid(averaged.decode(fixed_z.to(self.dist.device)).cpu(), f'samples_epoch{s.epoch:03d}.png')
         self.run.write('last.pt', blob)
         self.run.log(f'epoch {s.epoch}: train bpd {train_bpd:.4f}, test bpd {bpd:.4f}{" (best)" if is_best else ""}, '
                      f'{seconds:.0f}s, {images / seconds:.1f} images/s, {s.skipped} skipped steps')
 
-    def users_model(self):
+    def averaged_model(self):
         """The model that evaluation, sample grids and checkpoints get: the weight average, with batch-norm
         statistics recomputed for its weights over --bn-refresh training batches (with 0, the trained model's,
         averaged over the ranks). The trained model is left as it is: a run stopped here resumes exactly."""
-        users = self.average.model
+        averaged = self.average.model
         if self.args.bn_refresh:
             with self.autocast:   # the statistics of the density training optimises
-                refresh_batch_norm(users, self.refresh_batches())
+                refresh_batch_norm(averaged, self.refresh_batches())
         else:
-            for mine, trained in zip(users.buffers(), self.model.buffers()):
+            for mine, trained in zip(averaged.buffers(), self.model.buffers()):
                 mine.copy_(trained)
-            self.dist.average_buffers(users)
-        return users
+            self.dist.average_buffers(averaged)
+        return averaged
 
     def refresh_batches(self):
         """--bn-refresh batches of training images with their dequantisation noise, drawn from a generator
@@ -363,17 +363,17 @@ class Trainer:
             x = to_unit(self.data.train[idx.to(self.dist.device)])
             yield x, torch.rand(x.shape, generator=g).to(self.dist.device)
 
-    def test_bpd(self, users):
-        """Test bpd of the users' model over the whole test split (each process evaluates its share), under
+    def test_bpd(self, averaged):
+        """Test bpd of the averaged model over the whole test split (each process evaluates its share), under
         --amp's autocast: the density function training optimised."""
         with self.autocast:
-            nll = nll_per_image(users, self.data.test, batch_size=EVAL_BATCH).double()
+            nll = nll_per_image(averaged, self.data.test, batch_size=EVAL_BATCH).double()
         total = self.dist.all_reduce(torch.stack([nll.sum(), torch.tensor(float(len(nll)), device=self.dist.device,
                                                                           dtype=torch.float64)]))
         return self.bpd((total[0] / total[1]).item())
 
-    def checkpoint(self, users):
-        """The checkpoint, serialised on rank 0 (None elsewhere): the config, the users' model (`model`: what
+    def checkpoint(self, averaged):
+        """The checkpoint, serialised on rank 0 (None elsewhere): the config, the averaged model (`model`: what
         sample.py and evaluate.py load), the trained model and optimizer, the arguments, every rank's RNG and the
         TrainState. Raises Stop, on every rank (they hold the same tensors), when anything is not finite."""
         cuda = self.dist.device.type == 'cuda'
@@ -381,7 +381,7 @@ class Trainer:
         state = asdict(self.state)   # with the epoch's totals so far summed over the ranks
         state['epoch_loss'], state['epoch_count'] = self.dist.all_reduce(torch.tensor(
             [state['epoch_loss'], state['epoch_count']], device=self.dist.device, dtype=torch.float64)).tolist()
-        ckpt = dict(format=P.CHECKPOINT_FORMAT, config=asdict(self.model.config), model=users.state_dict(),
+        ckpt = dict(format=P.CHECKPOINT_FORMAT, config=asdict(self.model.config), model=averaged.state_dict(),
                     train_model=self.model.state_dict(), optimizer=self.guard.optimizer.state_dict(),
                     args=vars(self.args), rng=self.dist.gather(rng), run_id=self.args.run_id,
                     data=self.data.fingerprint, world_size=self.dist.world, state=state)
@@ -395,7 +395,7 @@ class Trainer:
         last = self.run.path('last.pt')
         try:
             if stop.save:
-                self.run.write('last.pt', self.checkpoint(self.users_model()))
+                self.run.write('last.pt', self.checkpoint(self.averaged_model()))
                 self.run.log(f'{stop.why} at step {self.state.step}: saved {last}; continue with --resume {last}')
                 return stop.code
         except Stop as non_finite:
