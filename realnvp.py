@@ -576,15 +576,18 @@ class WeightAverage:
             raise ValueError(f'the weight average\'s decay must lie in [0, 1), got {decay!r}')
         self.decay = decay
         self.model = copy.deepcopy(model).requires_grad_(False)
+        self.averaged = list(self.model.parameters())   # listed once: on a GPU, listing them each step costs more
+        self.followed = None                              # than the update ((model, its parameters) once seen)
 
     @torch.no_grad()
     def update(self, model, step, bad=None):
         """One step of the average; `bad` (a 0-dim tensor, 1 for a skipped step) leaves it as it was, without
         asking the host."""
+        if self.followed is None or self.followed[0] is not model:
+            self.followed = (model, [p.detach() for p in model.parameters()])
         d = min(self.decay, (1 + step) / (10 + step))
         weight = 1.0 - d if bad is None else (1.0 - bad) * (1.0 - d)
-        averaged = list(self.model.parameters())
-        torch._foreach_lerp_(averaged, [p.detach() for p in model.parameters()], weight)
+        torch._foreach_lerp_(self.averaged, self.followed[1], weight)
 
 
 def batch_norms(model):
