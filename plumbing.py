@@ -279,18 +279,29 @@ def save_grid(images, path, nrow=None, scale=None):
     write_atomically(buffer.getbuffer(), path)
 
 
-def non_finite_tensor(tensors):
-    """The name of the first tensor of a {name: tensor} mapping (nested dicts and lists too) holding a NaN or an
-    infinity, or None."""
+def floating_tensors(tensors, prefix=''):
+    """(name, tensor) for every floating-point tensor of a {name: tensor} mapping, nested dicts and lists too."""
     items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors)
     for name, value in items:
         if isinstance(value, (dict, list, tuple)):
-            inner = non_finite_tensor(value)
-            if inner is not None:
-                return f'{name}.{inner}'
-        elif torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
-            return str(name)
-    return None
+            yield from floating_tensors(value, f'{prefix}{name}.')
+        elif torch.is_tensor(value) and value.is_floating_point():
+            yield f'{prefix}{name}', value
+
+
+def non_finite_tensor(tensors):
+    """The name of the first tensor of a {name: tensor} mapping (nested dicts and lists too) holding a NaN or an
+    infinity, or None. One reduction and one host sync per device, however many tensors there are."""
+    named = list(floating_tensors(tensors))
+    by_device = {}
+    for i, (_, value) in enumerate(named):
+        by_device.setdefault(value.device, []).append(i)
+    bad = []
+    for indices in by_device.values():
+        finite = torch.stack([torch.isfinite(named[i][1]).all() for i in indices])
+        if not bool(finite.all()):   # the one sync
+            bad.append(indices[int((~finite).nonzero()[0])])
+    return named[min(bad)][0] if bad else None
 
 
 def state_dict_mismatch(model, state):

@@ -815,3 +815,29 @@ def test_the_skip_guard_saves_and_puts_back_every_buffer_in_a_few_calls():
     # the decision, per dtype a cat, a where and one multi-tensor copy, and the fused Adam's found_inf
     assert len(calls) == 2 + 3 * len(guard.buffers), calls
     assert all(torch.equal(model.state_dict()[k], v) for k, v in moved.items())
+
+
+def test_the_finiteness_check_of_a_whole_checkpoint_asks_the_host_once():
+    """Hundreds of tensors, one host sync (a `.item()`-like call) when all are finite; the first non-finite one by
+    name when one is not, nested names included."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    model = RealNVP(img_size=4, **TINY)
+    opt = make_optimizer(model, 1e-3, 0.0)
+    model(torch.rand(2, 1, 4, 4))[0].sum().backward()
+    opt.step()
+    state = {'model': model.state_dict(), 'optimizer': opt.state_dict()}
+    syncs = []
+
+    class Syncs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero):
+                syncs.append(func)
+            return func(*args, **(kwargs or {}))
+    with Syncs():
+        assert plumbing.non_finite_tensor(state) is None
+    assert len(syncs) == 1 and len(list(plumbing.floating_tensors(state))) > 100
+    key = list(state['model'])[5]
+    state['model'][key][0] = float('inf')
+    next(iter(state['optimizer']['state'].values()))['exp_avg'].fill_(float('nan'))
+    assert plumbing.non_finite_tensor(state) == f'model.{key}'
+    assert plumbing.non_finite_tensor({'optimizer': state['optimizer']}).startswith('optimizer.state.')
