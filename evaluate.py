@@ -161,11 +161,9 @@ def write_outputs(paths, images, labels, bpd, worst):
     """The files of `output_paths`; returns them, with the worst images' indices."""
     written = dict(paths)
     if 'worst_png' in paths:
-        os.makedirs(os.path.dirname(paths['worst_png']), exist_ok=True)
         written['worst_indices'] = write_worst(images, bpd, worst, paths['worst_png']).tolist()
         write_histogram(bpd, paths['histogram_png'])
     if 'per_image_csv' in paths:
-        os.makedirs(os.path.dirname(os.path.abspath(paths['per_image_csv'])), exist_ok=True)
         write_per_image(labels, bpd, paths['per_image_csv'])
     return written
 

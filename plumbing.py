@@ -222,11 +222,12 @@ class CheckpointError(ValueError):
 
 
 def write_atomically(data, path):
-    """Write bytes through a temporary file beside `path`, flushed to disk (file and folder) before the rename:
-    a crash or a power cut never leaves half a file, and a failed write (a full disk) leaves the old file as it
-    was and no temporary behind."""
+    """Write bytes through a temporary file beside `path` (its folder made if need be), flushed to disk (file and
+    folder) before the rename: a crash or a power cut never leaves half a file, and a failed write (a full disk)
+    leaves the old file as it was and no temporary behind."""
     tmp = f'{path}{TMP_MARK}{os.getpid()}'
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(tmp, 'wb') as f:
             f.write(data)
             f.flush()

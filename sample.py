@@ -118,7 +118,6 @@ def main(argv=None):
     if not torch.isfinite(images).all():
         P.die('sample.py', f'the samples at --temperature {args.temperature:g} are not finite (the flow overflows '
                            f'there); choose a smaller --temperature. Nothing was written')
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     try:
         P.save_grid(images.cpu(), out, nrow=nrow, scale=args.scale)
     except P.CheckpointError as e:   # a full disk: the file there before is untouched
