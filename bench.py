@@ -182,7 +182,10 @@ def measure_training(args, config, device):
         step()
     train_s = timed(step, device, args.steps)
     shares, table = measure_profile(step, device)
-    shares['launches_per_step'] = count_launches(step)   # the operator calls; what CUDA would launch
+    if args.compile:   # the graphs (each one launch under CUDA graphs) and what runs around them
+        shares.update(count_launches_around_graphs(step))
+    else:
+        shares['launches_per_step'] = count_launches(step)   # the operator calls; what CUDA would launch
     average = WeightAverage(model, 0.999)
     ema_s = timed(lambda: average.update(model, 1000), device, args.steps)
     noise = torch.rand(images.shape, device=device)
@@ -275,7 +278,8 @@ def measure_ceiling(args, config, device, train):
 
 class LaunchCounter(TorchDispatchMode):
     """Counts the operator calls that run a kernel, forward and backward, in the order autograd and the optimizer
-    make them: every aten call but views (and detach), which only make a new tensor header. It sits under autograd,
+    make them: every aten call but views (and detach), which only make a new tensor header, and the allocations
+    (`empty` and its kin), which take memory from the caching allocator and launch nothing. It sits under autograd,
     where torch's own FlopCounterMode sits: `TorchDispatchMode`, from torch's private _python_dispatch module, is the
     one way to see the backward pass's operators from Python."""
 
@@ -283,8 +287,11 @@ class LaunchCounter(TorchDispatchMode):
         super().__init__()
         self.calls = 0
 
+    NO_KERNEL = (torch.ops.aten.detach, torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.new_empty,
+                 torch.ops.aten.new_empty_strided)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func.overloadpacket is not torch.ops.aten.detach:
+        if not func.is_view and func.overloadpacket not in self.NO_KERNEL:
             self.calls += 1
         return func(*args, **(kwargs or {}))
 
@@ -294,6 +301,44 @@ def count_launches(fn):
     with LaunchCounter() as counter:
         fn()
     return counter.calls
+
+
+def is_kernel(op_name):
+    """Whether the profiler's operator `op_name` ('aten::mul') runs a kernel itself: not a view, not an
+    allocation (LaunchCounter's rule)."""
+    packet = getattr(torch.ops.aten, op_name.removeprefix('aten::'), None)
+    if packet is None:
+        return True
+    first = getattr(packet, 'default', None) or getattr(packet, packet.overloads()[0])
+    return not first.is_view and packet not in LaunchCounter.NO_KERNEL
+
+
+def count_launches_around_graphs(step):
+    """Under --compile: the compiled graphs a step runs (`graphs_per_step`; under CUDA graphs each is one
+    launch) and the kernels launched outside them (`launches_outside_graphs`: the optimizer, the loss, autograd
+    between the graphs), from the profiler's tree of operators: an operator outside a graph that runs a kernel
+    counts one (a multi-tensor `_foreach_*` or fused Adam is one launch on CUDA, whatever it calls on a CPU); a
+    view or an allocation counts what it calls (`to` may copy). A dispatch mode cannot do this: torch.compile
+    runs a function eagerly while one is active."""
+    from torch.profiler import profile
+    with profile() as prof:
+        step()
+
+    def launches(event):
+        inner = [child for child in event.cpu_children if child.name.startswith('aten::')]
+        return 1 if is_kernel(event.name) else sum(map(launches, inner))
+
+    def outside(event):   # no operator and no compiled graph (forward or backward) above it
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith('aten::') or 'Compiled' in parent.name:
+                return False
+            parent = parent.cpu_parent
+        return True
+    events = [e for e in prof.events() if outside(e)]
+    return dict(launches_outside_graphs=sum(launches(e) for e in events if e.name.startswith('aten::')),
+                graphs_per_step=sum(e.name.startswith('Torch-Compiled Region') or 'CompiledFunctionBackward' in e.name
+                                    for e in events))
 
 
 def measure_profile(step, device, steps=2):
@@ -317,6 +362,29 @@ def measure_profile(step, device, steps=2):
             ops.table(sort_by=key, row_limit=15))
 
 
+def measure_overhead(args, config, device):
+    """What a training step costs apart from its arithmetic: the step (with the weight average's update, as
+    train.py takes it) at the model's depth but a width where the arithmetic is negligible (4 mid channels,
+    batch 8): Python, the dispatcher and the launches, most of a step on a GPU. With --lecture, the lecture code's
+    at the same width, in the same run, taking turns so that both see the same machine."""
+    narrow = replace(config, mid_channels=4)
+    model, _, _, train = training_step(argparse.Namespace(**{**vars(args), 'batch_size': 8}), narrow, device)
+    average = WeightAverage(model, 0.999)
+    steps = {'overhead_step_ms': lambda: (train(), average.update(model, 1000))}
+    if args.lecture:
+        steps['lecture_overhead_step_ms'] = lecture_train_step(args.lecture, narrow, 8, device)
+    times = {key: [] for key in steps}
+    for turn in range(args.warmup + max(args.steps, 10)):
+        for key, step in steps.items():
+            seconds = timed(step, device, 1)
+            if turn >= args.warmup:
+                times[key].append(seconds)
+    result = {key: 1e3 * statistics.median(t) for key, t in times.items()}
+    if args.lecture:
+        result['overhead_over_lecture'] = result['overhead_step_ms'] / result['lecture_overhead_step_ms']
+    return result
+
+
 def measure_lecture(args, config, device, train):
     """The lecture code's training step on the same config, device and batch size, against this project's step
     (`train`) and against the bound its convolutions set."""
@@ -338,7 +406,9 @@ def benchmark(args):
     if args.flops_only:
         return result
     result.update(measure_training(args, config, device))
-    result.update(measure_additions(args, config, device, result['train_step_s']))
+    if not args.compile:   # each would compile other models: a compiled run compiles one
+        result.update(measure_additions(args, config, device, result['train_step_s']))
+        result.update(measure_overhead(args, config, device))
     result['achieved_gflop_per_s'] = result['gflop_train_step_per_image'] * result['train_images_per_s']
     result.update(measure_ceiling(args, config, device, result))
     if args.lecture:
@@ -354,6 +424,8 @@ TABLE = [
     ('train_images_per_s', 'training images/s (median)', '{:.1f}'),
     ('first_step_s', 'first step, s (with --compile: the compilation)', '{:.1f}'),
     ('launches_per_step', 'operator calls (launches) per step', '{:,.0f}'),
+    ('launches_outside_graphs', 'launches per step outside compiled graphs', '{:,.0f}'),
+    ('graphs_per_step', 'compiled graphs per step', '{:,.0f}'),
     ('cuda_kernels_per_step', 'CUDA kernels per step', '{:,.0f}'),
     ('flow_norm_share_of_step', 'the flow\'s batch norms (--flow-norm) / training step', '{:.3f}'),
     ('t_bound_share_of_step', 'the translation bound (--t-bound) / training step', '{:.3f}'),
@@ -373,6 +445,9 @@ TABLE = [
     ('share_outside_convolutions', 'share of step time outside convolutions', '{:.2f}'),
     ('conv_bound_images_per_s', 'images/s of the convolutions alone (the bound)', '{:.1f}'),
     ('conv_bound_share_of_step', 'the convolutions alone / training step', '{:.2f}'),
+    ('overhead_step_ms', 'step at 4 mid channels, batch 8 (the overhead), ms', '{:.1f}'),
+    ('lecture_overhead_step_ms', 'lecture code: the same, ms', '{:.1f}'),
+    ('overhead_over_lecture', 'overhead / the lecture code\'s', '{:.2f}x'),
     ('lecture_train_images_per_s', 'lecture code: training images/s', '{:.1f}'),
     ('speedup_over_lecture', 'speed-up over the lecture code', '{:.2f}x'),
     ('conv_bound_over_lecture', 'the bound / the lecture code', '{:.2f}x'),
@@ -395,6 +470,15 @@ def print_table(result):
         print(result['profile_table'])
 
 
+def read_text(path):
+    """A file's text, '' when it is missing or unreadable."""
+    try:
+        with open(path, errors='replace') as f:
+            return f.read()
+    except OSError:
+        return ''
+
+
 def read_json(path):
     """The JSON object a stage printed as its last line, or None (no file, no output, not JSON)."""
     try:
@@ -406,7 +490,8 @@ def read_json(path):
 
 def summarize(folder):
     """gpu_check.sh's stages in DIR: {stage: exit code and seconds}, versions, images/s and the ratios to the
-    lecture's fp32 code, compile time, kernels per step, the run's wall time and test bpd. Missing parts: None."""
+    lecture's fp32 code, compile time, launches per step, the run's wall time and test bpd, the notebook used,
+    and each stage's output (its JSON, or its last 30 lines) and last 30 lines of messages. Missing parts: None."""
     path = os.path.join(folder, 'stages.tsv')
     try:
         with open(path) as f:
@@ -425,11 +510,18 @@ def summarize(folder):
         speed = run.get('train_images_per_s')
         summary[name] = dict(images_per_s=speed, times_lecture=speed / lecture if speed and lecture else None,
                              first_step_s=run.get('first_step_s'), launches_per_step=run.get('launches_per_step'),
+                             launches_outside_graphs=run.get('launches_outside_graphs'),
+                             overhead_over_lecture=run.get('overhead_over_lecture'),
                              ratio_to_ceiling=run.get('ratio_to_ceiling'))
     summary['train_wall_s'] = stages.get('train', {}).get('seconds')
     summary['train_finished'] = stages.get('train', {}).get('exit') == 0
     summary['test_bpd'], summary['test_bpd_stderr'] = evaluation.get('bpd'), evaluation.get('stderr')
     summary['evaluated_step'] = evaluation.get('step')
+    notebook = read_text(os.path.join(folder, 'notebook.txt')).strip()
+    summary['lecture_notebook'] = notebook or 'none given (gpu_check.sh --notebook PATH): the lecture code was not timed'
+    summary['outputs'] = {name: read_json(os.path.join(folder, f'{name}.out')) or
+                          read_text(os.path.join(folder, f'{name}.out')).splitlines()[-30:] for name in stages}
+    summary['messages'] = {name: read_text(os.path.join(folder, f'{name}.log')).splitlines()[-30:] for name in stages}
     P.write_atomically(json.dumps(summary, indent=1).encode(), os.path.join(folder, 'summary.json'))
     return summary
 
@@ -438,11 +530,14 @@ def print_summary(summary):
     for name, stage in summary['stages'].items():
         print(f'  {name:<15} exit {stage["exit"]:>3}  {stage["seconds"]:7.1f} s of {stage["limit"]}')
     speed = lambda v, f='{:.1f}': 'n/a' if v is None else f.format(v)
-    print(f'  lecture code, fp32: {speed(summary["lecture_fp32_images_per_s"])} images/s')
+    print(f'  lecture code, fp32: {speed(summary["lecture_fp32_images_per_s"])} images/s '
+          f'(notebook: {summary["lecture_notebook"]})')
     for name in ('fp32', 'amp', 'compiled'):
         s = summary[name]
         print(f'  {name:<9} {speed(s["images_per_s"])} images/s = {speed(s["times_lecture"], "{:.2f}x")} the lecture; '
-              f'first step {speed(s["first_step_s"])} s, {speed(s["launches_per_step"], "{:,.0f}")} launches a step')
+              f'first step {speed(s["first_step_s"])} s, ' + (
+                  f'{speed(s["launches_outside_graphs"], "{:,.0f}")} launches a step outside graphs' if name == 'compiled'
+                  else f'{speed(s["launches_per_step"], "{:,.0f}")} launches a step'))
     print(f'  training: {speed(summary["train_wall_s"])} s ({"finished" if summary["train_finished"] else "NOT finished"}); '
           f'test bpd {speed(summary["test_bpd"], "{:.4f}")} ± {speed(summary["test_bpd_stderr"], "{:.4f}")} '
           f'at step {summary["evaluated_step"]}')

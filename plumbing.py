@@ -377,6 +377,15 @@ def restore(ckpt, model, average, optimizer, rank, device):
     if [len(g['params']) for g in ckpt['optimizer']['param_groups']] != [len(g['params'])
                                                                          for g in optimizer.param_groups]:
         raise ValueError('its optimizer groups are not the model\'s')
+    rank_buffers = ckpt.get('rank_buffers')   # a run of several processes: each rank's own statistics
+    if rank_buffers:
+        floating = [b for b in model.buffers() if b.is_floating_point()]
+        flat = rank_buffers[min(rank, len(rank_buffers) - 1)]
+        if not isinstance(flat, torch.Tensor) or flat.numel() != sum(b.numel() for b in floating):
+            raise ValueError('its per-rank batch-norm statistics are not the model\'s')
+        with torch.no_grad():
+            for b, part in zip(floating, flat.split([b.numel() for b in floating])):
+                b.copy_(part.view_as(b))
     rng = ckpt['rng'][min(rank, len(ckpt['rng']) - 1)]   # a run resumed on fewer processes takes rank 0's
     torch.set_rng_state(rng['cpu'])
     if device.type == 'cuda' and rng['cuda'] is not None:
@@ -490,7 +499,19 @@ class Dist:
     def wrap(self, model):
         if self.world == 1:
             return model
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+        # broadcast_buffers=False: no broadcast of every batch-norm buffer before each forward. A training
+        # forward normalises by its own batch's statistics, so the running ones never touch the gradients;
+        # each rank keeps its own through an epoch, they are averaged at its end (average_buffers), and a
+        # checkpoint taken in between keeps every rank's (`rank_buffers`).
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
+                                       broadcast_buffers=False)
+
+    def gather_buffers(self, model):
+        """Every rank's floating-point buffers (the batch-norm statistics), one flat CPU tensor a rank, for a
+        checkpoint of several processes (None for one: the model's state holds them)."""
+        if self.world == 1:
+            return None
+        return self.gather(torch.cat([b.reshape(-1) for b in model.buffers() if b.is_floating_point()]).cpu())
 
     def average_buffers(self, model):
         """Average the batch-norm running statistics over the ranks: each saw only its own batches."""

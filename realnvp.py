@@ -17,6 +17,7 @@ Direction convention, everywhere: `reverse=False` maps data -> latent and adds
 log|det J| to `sldj`; `reverse=True` maps latent -> data and leaves `sldj` alone.
 """
 import copy
+import functools
 import gzip
 import math
 import os
@@ -66,12 +67,15 @@ class MaskType(IntEnum):
     CHANNEL_WISE = 1
 
 
+@functools.lru_cache(maxsize=64)
 def checkerboard_mask(height, width, reverse=False, dtype=torch.float32, device=None):
-    """(1, 1, height, width) mask of alternating 0/1 with 0 top-left (1 top-left if `reverse`)."""
-    i = torch.arange(height, device=device).view(-1, 1)
-    j = torch.arange(width, device=device).view(1, -1)
-    mask = ((i + j + int(reverse)) % 2).to(dtype)
-    return mask.view(1, 1, height, width)
+    """(1, 1, height, width) mask of alternating 0/1 with 0 top-left (1 top-left if `reverse`). Made once for
+    each shape, dtype and device (it is never written to), not five launches in every coupling's every pass;
+    outside inference mode, so that a mask first made under it can still take part in training."""
+    with torch.inference_mode(False):
+        i = torch.arange(height, device=device).view(-1, 1)
+        j = torch.arange(width, device=device).view(1, -1)
+        return ((i + j + int(reverse)) % 2).to(dtype).view(1, 1, height, width)
 
 
 # -----------------------------------------------------------------------------
@@ -81,8 +85,27 @@ def checkerboard_mask(height, width, reverse=False, dtype=torch.float32, device=
 def _weight_norm(g, v):
     """g * v / ||v||, the norm over every dim but the first (one per output channel). `torch._weight_norm` is
     private, but it is the fused kernel that torch's public `parametrizations.weight_norm` runs: one launch
-    instead of four, and the same numbers as the lecture's parametrized layers."""
+    instead of four, and the same numbers as the lecture's parametrized layers. A convolution weight is stored
+    channels-last (see RealNVP), so the kernel runs on its (out, kh, kw, in) view, which is contiguous: no copy
+    in or out, forward or backward."""
+    if v.dim() == 4:
+        return torch._weight_norm(v.permute(0, 2, 3, 1), g, 0).permute(0, 3, 1, 2)
     return torch._weight_norm(v, g, 0)
+
+
+def weight_normed(convs, dtype):
+    """[(weight, bias)] of same-shaped WNConv2d layers, computed together and cast once to `dtype` (the
+    activations' dtype, bf16 under autocast): one concatenation, one weight norm and one cast for all of them,
+    where each layer alone costs a weight norm and, under autocast, two casts, forward and backward. The
+    arithmetic is the same."""
+    # each weight as (out, kh * kw * in): its channels-last memory as it lies, so no copy either way
+    v = torch.cat([c.weight_v.permute(0, 2, 3, 1).reshape(len(c.weight_v), -1) for c in convs])
+    g = torch.cat([c.weight_g.reshape(-1, 1) for c in convs])
+    shape = convs[0].weight_v.permute(0, 2, 3, 1).shape   # (out, kh, kw, in)
+    weights = [w.view(shape).permute(0, 3, 1, 2) for w in _weight_norm(g, v).to(dtype).chunk(len(convs))]
+    with_bias = [c.bias for c in convs if c.bias is not None]
+    biases = iter(torch.cat(with_bias).to(dtype).chunk(len(with_bias)) if with_bias else ())
+    return [(w, next(biases) if c.bias is not None else None) for w, c in zip(weights, convs)]
 
 
 class Rescale(nn.Module):
@@ -112,8 +135,10 @@ class WNConv2d(nn.Module):
         self.weight_g = nn.Parameter(conv.weight.detach().flatten(1).norm(dim=1).view(-1, 1, 1, 1))  # (out, 1, 1, 1)
         self.weight_v = nn.Parameter(conv.weight.detach())
 
-    def forward(self, x):
-        return F.conv2d(x, _weight_norm(self.weight_g, self.weight_v), self.bias, padding=self.padding)
+    def forward(self, x, weight_and_bias=None):
+        """`weight_and_bias`: this layer's, when `weight_normed` computed them with others'."""
+        weight, bias = weight_and_bias or (_weight_norm(self.weight_g, self.weight_v), self.bias)
+        return F.conv2d(x, weight, bias, padding=self.padding)
 
 
 class ResidualBlock(nn.Module):
@@ -126,11 +151,12 @@ class ResidualBlock(nn.Module):
         self.out_norm = nn.BatchNorm2d(channels)
         self.out_conv = WNConv2d(channels, channels, kernel_size=3, padding=1, bias=True)
 
-    def forward(self, x):
+    def forward(self, x, weights=(None, None)):
+        """`weights`: the two convolutions' (weight, bias), when computed with others' (`weight_normed`)."""
         # In place where autograd allows it (batch norm keeps its input, not its output; a convolution keeps
         # its input): a new channels-last tensor per ReLU costs as much as the batch norm before it on a CPU.
-        h = self.in_conv(F.relu(self.in_norm(x), inplace=True))
-        h = self.out_conv(F.relu(self.out_norm(h), inplace=True))
+        h = self.in_conv(F.relu(self.in_norm(x), inplace=True), weights[0])
+        h = self.out_conv(F.relu(self.out_norm(h), inplace=True), weights[1])
         return h.add_(x)
 
 
@@ -158,11 +184,14 @@ class ResNet(nn.Module):
         # after the first convolution follows its input's layout, backward too (about 8% slower on a CPU).
         x = torch.cat((x, -x), dim=1).contiguous(memory_format=torch.channels_last)  # (B, 2C, H, W)
         x = F.relu(x, inplace=True)
-        x = self.in_conv(x)
-        x_skip = self.in_skip(x)
-        for block, skip in zip(self.blocks, self.skips):
-            x = block(x)
-            x_skip.add_(skip(x))
+        x = self.in_conv(x)   # (B, mid, H, W), in the dtype autocast chose
+        # the blocks' 3x3 and the skips' 1x1 convolutions: their weights computed together, a few launches each
+        block_weights = weight_normed([conv for b in self.blocks for conv in (b.in_conv, b.out_conv)], x.dtype)
+        skip_weights = weight_normed([self.in_skip, *self.skips], x.dtype)
+        x_skip = self.in_skip(x, skip_weights[0])
+        for i, (block, skip) in enumerate(zip(self.blocks, self.skips)):
+            x = block(x, block_weights[2 * i:2 * i + 2])
+            x_skip.add_(skip(x, skip_weights[i + 1]))
         return self.out_conv(F.relu(self.out_norm(x_skip), inplace=True))
 
 
@@ -245,7 +274,7 @@ class BatchNormFlow(nn.Module):
 
     Train mode uses the batch's statistics (biased variance, and the log-det of the batch's map, as the
     paper does) and moves the running ones as nn.BatchNorm2d moves its own (unbiased variance, `momentum`;
-    with `momentum=None` a cumulative average, as `refresh_batch_norm` uses). Eval mode and the reverse use
+    with `momentum=None` a cumulative average). Eval mode and the reverse use
     the running ones, so there it is an exact bijection with an exact log-det."""
 
     def __init__(self, num_features, momentum=0.05, eps=1e-5):
@@ -269,7 +298,7 @@ class BatchNormFlow(nn.Module):
         with torch.no_grad():
             n = x.numel() // x.shape[1]
             self.num_batches_tracked.add_(1)
-            weight = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked
+            weight = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.to(mean.dtype)
             self.running_mean.lerp_(mean, weight)
             self.running_var.lerp_(var * (n / max(n - 1, 1)), weight)
         return mean, var
@@ -608,10 +637,11 @@ def refresh_batch_norm(model, batches):
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
-        m.momentum = None  # a cumulative average
     try:
         with in_mode(model, True):
-            for x, noise in batches:
+            for k, (x, noise) in enumerate(batches, start=1):
+                for m in norms:   # the k-th batch's share of a plain average: what momentum=None gives, without
+                    m.momentum = 1.0 / k   # nn.BatchNorm2d reading its batch count back from the device
                 model(x, noise=noise, validate=False)
     finally:
         for m, momentum in zip(norms, momenta):
@@ -640,6 +670,12 @@ class SkipGuard:
             optimizer.found_inf = torch.zeros((), device=self.params[0].device)
         self.check, self.commit = self._check, self._commit
         if compile:
+            # What the compiled commit writes into is kept at one address for the whole run, and says so: CUDA
+            # graphs replay writes to such inputs and skip a function whose other inputs it mutates.
+            # (torch._dynamo.mark_static_address is private; torch.compile documents no public equivalent.)
+            for tensor in [*(b for group in self.buffers.values() for b in group),
+                           *([optimizer.found_inf] if self.fused else [])]:
+                torch._dynamo.mark_static_address(tensor)
             mode = 'reduce-overhead' if self.params[0].is_cuda else None
             self.check, self.commit = (torch.compile(f, mode=mode, dynamic=False)
                                        for f in (self._check, self._commit))

@@ -36,40 +36,59 @@ def test_bench_reports_consistent_figures():
 TINY_CHECK = ['--image-size', '8', '--mid-channels', '4', '--num-blocks', '1', '--batch-size', '16', '--num-threads', '1']
 
 
-def gpu_check(data_dir, out, device, notebook=''):
+def gpu_check(data_dir, out, device, *notebook, work=None):
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', **OFFLINE, 'GPU_CHECK_DEVICE': device, 'GPU_CHECK_EPOCHS': '1',
-           'GPU_CHECK_COMPILE': '0', 'GPU_CHECK_NOTEBOOK': notebook}
-    return subprocess.run(['bash', os.path.join(HERE, 'gpu_check.sh'), data_dir, str(out), *TINY_CHECK],
+           'GPU_CHECK_COMPILE': '0', 'GPU_CHECK_NOTEBOOK': '', **({'GPU_CHECK_WORK': str(work)} if work else {})}
+    return subprocess.run(['bash', os.path.join(HERE, 'gpu_check.sh'), *notebook, data_dir, str(out), *TINY_CHECK],
                           capture_output=True, text=True, env=env, cwd=HERE, timeout=600)
 
 
+def test_gpu_check_stage_limits_with_their_grace_fit_in_540_seconds():
+    """Every stage's `timeout` limit and its kill grace, summed, leave room in a 10-minute device call."""
+    import re
+    script = open(os.path.join(HERE, 'gpu_check.sh')).read()
+    limits = [int(n) for n in re.findall(r'^\s*stage \w+ (\d+) ', script, flags=re.M)]
+    grace = int(re.search(r'--kill-after=(\d+)', script).group(1))
+    assert len(limits) == 7 and sum(limits) + grace * len(limits) <= 540
+
+
 @pytest.mark.slow
-def test_gpu_check_runs_every_stage_and_sums_them_up(data_dir, tmp_path):
-    """gpu_check.sh on the CPU with a tiny model: every stage exits 0, the summary holds what they printed."""
-    notebook = NOTEBOOK if os.path.isfile(NOTEBOOK) else ''
-    out = tmp_path / 'check'
-    result = gpu_check(data_dir, out, 'cpu', notebook)
+def test_gpu_check_runs_every_stage_and_packs_what_it_reports_in_a_few_small_files(data_dir, tmp_path):
+    """gpu_check.sh on the CPU with a tiny model: every stage exits 0; OUT_DIR holds the summary and the run's
+    log, metrics and grid, nothing else (the data and checkpoints stay in the scratch folder); the summary holds
+    what the stages printed and names the notebook."""
+    notebook = ['--notebook', NOTEBOOK] if os.path.isfile(NOTEBOOK) else []
+    out, work = tmp_path / 'check', tmp_path / 'work'
+    result = gpu_check(data_dir, out, 'cpu', *notebook, work=work)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(os.listdir(out)) == ['metrics.csv', 'samples.png', 'summary.json', 'train.log']
+    assert all(os.path.getsize(out / f) < 16 * 2 ** 20 for f in os.listdir(out))
     summary = json.loads((out / 'summary.json').read_text())
     assert set(summary['stages']) == {'copy', 'versions', 'bench_fp32', 'bench_amp', 'train', 'evaluate'}
-    assert all(s['exit'] == 0 and 0 < s['seconds'] <= s['limit'] + 10 for s in summary['stages'].values())
+    assert all(s['exit'] == 0 and 0 < s['seconds'] <= s['limit'] + 5 for s in summary['stages'].values())
     assert summary['versions']['torch'] == torch.__version__
-    evaluation = json.loads((out / 'evaluate.out').read_text())
+    evaluation = summary['outputs']['evaluate']
     assert summary['test_bpd'] == evaluation['bpd'] and math.isfinite(evaluation['bpd'])
     assert summary['evaluated_step'] == 7 and summary['train_finished']   # 100 images / 16: 7 steps
-    fp32 = json.loads((out / 'bench_fp32.out').read_text())
+    fp32 = summary['outputs']['bench_fp32']
     assert summary['fp32']['images_per_s'] == fp32['train_images_per_s'] > 0 and summary['amp']['images_per_s'] > 0
+    assert fp32['launches_per_step'] > 100 and fp32['overhead_step_ms'] > 0
     if notebook:
         assert summary['fp32']['times_lecture'] == fp32['train_images_per_s'] / fp32['lecture_train_images_per_s']
-    assert 'test bpd' in result.stdout and os.path.isfile(out / 'data' / 'MNIST' / 'raw' / 'train-images-idx3-ubyte')
+        assert summary['lecture_notebook'] == NOTEBOOK and fp32['overhead_over_lecture'] > 0
+    assert any('test bpd' in line for line in summary['outputs']['train']) and 'test bpd' in (out / 'train.log').read_text()
+    assert os.path.isfile(work / 'data' / 'MNIST' / 'raw' / 'train-images-idx3-ubyte')
     again = gpu_check(data_dir, out, 'cpu')
     assert again.returncode == 2 and 'earlier check' in again.stderr   # never over an earlier check
 
 
-def test_gpu_check_without_mnist_says_so_and_writes_nothing(tmp_path):
+def test_gpu_check_without_mnist_or_with_a_missing_notebook_says_so_and_writes_nothing(tmp_path):
     result = gpu_check(str(tmp_path / 'nowhere'), tmp_path / 'check', 'cpu')
     assert result.returncode == 2 and result.stderr.strip().count('\n') == 0
     assert 'MNIST/raw not found' in result.stderr and not (tmp_path / 'check').exists()
+    os.makedirs(tmp_path / 'data' / 'MNIST' / 'raw')
+    result = gpu_check(str(tmp_path / 'data'), tmp_path / 'check', 'cpu', '--notebook', str(tmp_path / 'none.txt'))
+    assert result.returncode == 2 and 'no such file' in result.stderr and not (tmp_path / 'check').exists()
 
 
 @pytest.mark.slow
@@ -77,11 +96,12 @@ def test_gpu_check_records_failed_stages_and_exits_1(data_dir, tmp_path):
     if torch.cuda.is_available():
         pytest.skip('needs a machine without CUDA')
     out = tmp_path / 'check'
-    result = gpu_check(data_dir, out, 'cuda')
+    result = gpu_check(data_dir, out, 'cuda', work=tmp_path / 'work')
     assert result.returncode == 1
     summary = json.loads((out / 'summary.json').read_text())
     assert summary['stages']['copy']['exit'] == 0 and summary['stages']['bench_fp32']['exit'] == 2
     assert summary['fp32']['images_per_s'] is None and summary['test_bpd'] is None
+    assert summary['lecture_notebook'].startswith('none given') and summary['messages']['bench_fp32']
     assert 'NOT finished' in result.stdout
 
 
@@ -130,3 +150,17 @@ def test_the_launch_counter_counts_kernel_calls_exactly():
         c.sum().backward()                                   # sum, the seed gradient (ones_like), mul: 3
     assert bench.count_launches(fn) == 6
     assert bench.count_launches(lambda: torch.zeros(3).view(3, 1).t()) == 1   # zeros; views and transposes: 0
+    assert bench.count_launches(lambda: torch.empty(3).new_empty((2, 2)).fill_(1.0)) == 1   # allocations: 0
+
+
+def test_the_launches_around_compiled_graphs_are_what_runs_outside_them(fresh_dynamo):
+    """Under --compile: one graph, and outside it the operators that run a kernel (sum, mul, the cast), not the
+    view, nor what runs inside the graph."""
+    import bench
+    graph = torch.compile(lambda a: (a * 2.0 + 1.0).sin(), backend='eager')
+    x = torch.randn(8)
+
+    def step():
+        return (graph(x).sum() * 3.0).view(1).to(torch.float64)
+    step()
+    assert bench.count_launches_around_graphs(step) == dict(launches_outside_graphs=3, graphs_per_step=1)

@@ -64,6 +64,20 @@ def test_checkerboard_masks_are_complementary():
     assert checkerboard_mask(2, 2, dtype=torch.float64).dtype == torch.float64
 
 
+def test_a_checkerboard_mask_first_made_in_inference_mode_still_serves_training():
+    """The masks are made once and kept: one made under torch.inference_mode must not be an inference tensor,
+    which autograd refuses to save for the backward pass."""
+    checkerboard_mask.cache_clear()
+    with torch.inference_mode():
+        first = checkerboard_mask(4, 4, dtype=torch.float64)
+    assert checkerboard_mask(4, 4, dtype=torch.float64) is first and not first.is_inference()
+    torch.manual_seed(0)
+    layer = CouplingLayer(1, 4, 1, MaskType.CHECKERBOARD, reverse_mask=False).double()
+    y, sldj = layer(torch.randn(2, 1, 4, 4, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    (y.square().sum() + sldj.sum()).backward()
+    assert all(p.grad is not None for p in layer.st_net.parameters())
+
+
 # -----------------------------------------------------------------------------
 # 2-3. s/t networks and coupling layers: inverse and log-determinant
 
@@ -358,6 +372,40 @@ def test_weight_norm_layers_compute_what_torchs_parametrization_computes():
         assert (mine.grad - theirs.grad).abs().max() < 1e-10
 
 
+def test_a_resnet_computes_its_weights_together_as_each_layer_alone_would(monkeypatch):
+    """ResNet computes its blocks' and skips' weights a group at a time (`weight_normed`): the same output and
+    gradients (float64) as every layer computing its own; and with the weights channels-last, as RealNVP stores
+    them, no weight is copied to another layout, forward or backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class WeightCopies(TorchDispatchMode):   # copies of a 3x3 weight: the layout round trip
+        copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten.contiguous):
+                self.copies += any(isinstance(a, torch.Tensor) and a.shape[-2:] == (3, 3) for a in args)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    net = realnvp.ResNet(2, 6, 4, num_blocks=2, double_after_norm=True).double().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1.0 + 0.3 * torch.rand_like(p))
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    with WeightCopies() as counter:
+        together = net(x)
+        together.square().sum().backward()
+    assert counter.copies == 0
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    monkeypatch.setattr(realnvp, 'weight_normed', lambda convs, dtype: [None] * len(convs))   # each its own
+    alone = net(x)
+    alone.square().sum().backward()
+    assert (together - alone).abs().max() < 1e-12
+    for grad, p in zip(grads, net.parameters()):
+        assert (grad - p.grad).abs().max() < 1e-10
+
+
 def test_short_training_run_lowers_the_loss():
     torch.manual_seed(0)
     model = RealNVP(img_size=4, num_scales=2, mid_channels=8, num_blocks=1)
@@ -507,6 +555,26 @@ def test_every_residual_block_runs_channels_last_forward_and_backward(channels, 
         RealNVPLoss()(*model(torch.rand(4, channels, 8, 8))).backward()
     assert len(blocks) == 10 and len(seen) == 20
     assert all(is_nhwc for _, is_nhwc in seen), seen
+
+
+def test_a_refresh_over_several_batches_is_their_plain_average_as_momentum_none_makes_it():
+    """refresh_batch_norm sets momentum 1/k for the k-th batch: the same statistics, to the bit, as torch's own
+    cumulative average (momentum=None), which reads the batch count back from the device at every layer; the
+    flow's batch norms (flow_norm) as well."""
+    import copy
+    model = tiny_model(1, 8, 2, flow_norm=True)
+    batches = [(torch.rand(16, 1, 8, 8, dtype=torch.float64), torch.rand(16, 1, 8, 8, dtype=torch.float64))
+               for _ in range(3)]
+    reference = copy.deepcopy(model).train()
+    for m in realnvp.batch_norms(reference):
+        m.reset_running_stats()
+        m.momentum = None
+    with torch.no_grad():
+        for x, u in batches:
+            reference(x, noise=u)
+    realnvp.refresh_batch_norm(model, batches)
+    ours, theirs = list(model.buffers()), list(reference.buffers())
+    assert len(ours) == len(theirs) > 10 and all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
 @pytest.mark.parametrize('flow_norm', [False, True])

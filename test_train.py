@@ -411,6 +411,9 @@ def test_the_skip_guard_asks_no_host_and_compiles_to_the_same_steps(monkeypatch,
     eager = SkipGuard(eager_model, make_optimizer(eager_model, 1e-3, 5e-5), 100.0)
     compiled = SkipGuard(compiled_model, make_optimizer(compiled_model, 1e-3, 5e-5), 100.0, compile=True)
     found_inf = compiled.optimizer.found_inf
+    # what the compiled commit writes into is marked as kept at one address (CUDA graphs skip it otherwise)
+    written = [found_inf, *(b for group in compiled.buffers.values() for b in group)]
+    assert all(getattr(t, '_dynamo_static_input_type', None) for t in written)
     g, compiled_after = torch.Generator().manual_seed(0), []
     for i in range(6):
         x = torch.rand(8, 1, 4, 4, generator=g)
@@ -815,6 +818,44 @@ def test_the_skip_guard_saves_and_puts_back_every_buffer_in_a_few_calls():
     # the decision, per dtype a cat, a where and one multi-tensor copy, and the fused Adam's found_inf
     assert len(calls) == 2 + 3 * len(guard.buffers), calls
     assert all(torch.equal(model.state_dict()[k], v) for k, v in moved.items())
+
+
+def test_an_epoch_end_asks_the_host_at_most_ten_times_before_its_checkpoint_is_written(data_dir, tmp_path,
+                                                                                      monkeypatch):
+    """From the start of an epoch's end to its first file write: every value read back to the host (`.item()`,
+    `bool()`, `float()` of a tensor: aten's _local_scalar_dense; `.tolist()`, `.cpu()`, `.numpy()`), each a
+    host sync on a GPU. Serialising the checkpoint, which copies it to the host, is the write."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    syncs, at_write, ending = [], [], []
+
+    class Syncs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten._local_scalar_dense:
+                syncs.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def counted(method):
+        def read_back(self, *args, **kwargs):
+            syncs.append(method)
+            return getattr(torch._C.TensorBase, method)(self, *args, **kwargs)
+        return read_back
+    end_epoch, write = train.Trainer.end_epoch, plumbing.RunFolder.write
+
+    def counted_end_epoch(self, *args):
+        ending.append(True)
+        with monkeypatch.context() as m, Syncs():
+            for method in ('tolist', 'cpu', 'numpy'):
+                m.setattr(torch.Tensor, method, counted(method))
+            end_epoch(self, *args)
+
+    def first_write(self, name, data):
+        if ending:
+            at_write.append(len(syncs))
+        return write(self, name, data)
+    monkeypatch.setattr(train.Trainer, 'end_epoch', counted_end_epoch)
+    monkeypatch.setattr(plumbing.RunFolder, 'write', first_write)
+    assert train.main(['--data-dir', data_dir, '--out-dir', str(tmp_path / 'run'), '--epochs', '1', *TINY_RUN]) == 0
+    assert 0 < at_write[0] <= 10, syncs[:at_write[0]]
 
 
 def test_the_finiteness_check_of_a_whole_checkpoint_asks_the_host_once():

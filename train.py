@@ -122,8 +122,7 @@ def add_run_flags(p):
 
 def parse_args(argv=None):
     """(args, checkpoint or None, device): the flags, with the recipe's and --resume's settings; bad input exits 2."""
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, argv = build_parser(), sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     given = P.given_flags(build_parser, argv)
     args.digits = sorted(set(args.digits)) if args.digits else None
@@ -374,8 +373,8 @@ class Trainer:
 
     def checkpoint(self, averaged):
         """The checkpoint, serialised on rank 0 (None elsewhere): the config, the averaged model (`model`: what
-        sample.py and evaluate.py load), the trained model and optimizer, the arguments, every rank's RNG and the
-        TrainState. Raises Stop, on every rank (they hold the same tensors), when anything is not finite."""
+        sample.py and evaluate.py load), the trained model and optimizer, the arguments, every rank's RNG and
+        batch-norm statistics, and the TrainState. Raises Stop, on every rank, when anything is not finite."""
         cuda = self.dist.device.type == 'cuda'
         rng = {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(self.dist.device) if cuda else None}
         state = asdict(self.state)   # with the epoch's totals so far summed over the ranks
@@ -383,8 +382,9 @@ class Trainer:
             [state['epoch_loss'], state['epoch_count']], device=self.dist.device, dtype=torch.float64)).tolist()
         ckpt = dict(format=P.CHECKPOINT_FORMAT, config=asdict(self.model.config), model=averaged.state_dict(),
                     train_model=self.model.state_dict(), optimizer=self.guard.optimizer.state_dict(),
-                    args=vars(self.args), rng=self.dist.gather(rng), run_id=self.args.run_id,
-                    data=self.data.fingerprint, world_size=self.dist.world, state=state)
+                    rank_buffers=self.dist.gather_buffers(self.model), args=vars(self.args),
+                    rng=self.dist.gather(rng), run_id=self.args.run_id, data=self.data.fingerprint,
+                    world_size=self.dist.world, state=state)
         bad = P.non_finite_tensor({k: ckpt[k] for k in ('model', 'train_model', 'optimizer')})
         if bad is not None:
             raise Stop(f'{bad} is not finite', 1, save=False)
