@@ -38,7 +38,11 @@ def perturb_and_settle(model, shape, seed=0, steps=3):
                 m.momentum = 0.5
         for _ in range(steps):
             x = torch.rand((8, *shape), generator=g, dtype=torch.float64)
-            model(x) if isinstance(model, RealNVP) else model(x, torch.zeros(8, dtype=torch.float64))
+            if isinstance(model, RealNVP):
+                classes = model.config.num_classes
+                model(x, labels=torch.randint(0, classes, (8,), generator=g) if classes else None)
+            else:
+                model(x, torch.zeros(8, dtype=torch.float64))
     model.eval()
     moved = [m.running_var for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert all((v - 1).abs().max() > 1e-3 for v in moved), 'batch-norm statistics did not move'

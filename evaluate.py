@@ -5,6 +5,8 @@ where the bits go.
     python evaluate.py --ckpt runs/x/best.pt --dequant-samples 8 --json
     python evaluate.py --breakdown                            # bpd = prior + flow + logit + 8 dequantisation
     python evaluate.py --worst 16 --per-image bpd.csv         # the least likely images, a histogram, every image
+    python evaluate.py --classify                             # a --conditional model as a Bayes classifier
+    python evaluate.py --judge --temperature 0.7              # samples judged by a digit classifier: FD, labels
 
 With K = --dequant-samples > 1 the estimate is -log mean_k p(x + u_k) over K uniform
 dequantisation draws: a lower bound on the discrete log-likelihood that tightens as K grows.
@@ -19,7 +21,7 @@ import os
 import torch
 
 import plumbing as P
-from realnvp import DataNotFoundError, bits_per_dim, nll_per_image
+from realnvp import DataNotFoundError, bits_per_dim, class_nll, frechet_distance, nll_per_image, to_unit
 
 
 def build_parser():
@@ -43,6 +45,17 @@ def build_parser():
     a('--data-dir', default=None, help='data folder (default: the one the run trained on)')
     a('--seed', type=P.seed, default=0, help='seed for the dequantisation noise (default 0)')
     a('--device', default=None, help='cpu, cuda, cuda:N or mps (default: the best there is)')
+    a('--classify', action='store_true',
+      help='a --conditional model as the Bayes classifier argmax_y log p(x | y) + log p(y) (uniform p(y)): '
+           'accuracy and a confusion-matrix PNG, the bpd given the true label and the marginal bpd '
+           '-log sum_y p(x | y) p(y) (comparable with an unconditional model\'s); one dequantisation draw')
+    a('--judge', action='store_true',
+      help='draw --n samples at --temperature and judge them with a digit classifier trained on the training '
+           'split (the first time; cached under --runs-dir): the Frechet distance of its features to the test '
+           'images\' (fd), the same for training images (fd_floor), the labels it gives, and for a '
+           '--conditional model how often it sees the asked digit')
+    a('--n', type=P.positive_int, default=10_000, help='with --judge: samples to draw (default 10000)')
+    a('--temperature', type=P.positive_float, default=1.0, help='with --judge: z ~ N(0, T^2 I) (default 1)')
     a('--json', action='store_true', help='print one JSON object instead of sentences')
     return p
 
@@ -100,6 +113,78 @@ def write_per_image(labels, bpd, path):
     P.write_atomically(text.getvalue().encode(), path)
 
 
+@torch.no_grad()
+def features_and_labels(judge, images, batch_size=1024):
+    """The judge's features (N, 128) and labels (N,) of images in [0, 1] (float) or uint8."""
+    device = next(judge.parameters()).device
+    feats, labels = [], []
+    for x in images.split(batch_size):
+        x = (to_unit(x) if x.dtype == torch.uint8 else x).to(device)
+        f = judge.features(x)
+        feats.append(f.double().cpu())
+        labels.append(judge.head(f).argmax(1).cpu())
+    return torch.cat(feats), torch.cat(labels)
+
+
+def judge_samples(args, model, ckpt, device):
+    """--judge: the Fréchet distance of --n samples to the test images in the judge's features, its floor
+    (training against test images), the histogram of the judge's labels, and for a conditional model the share
+    of each asked digit that the judge labels as that digit."""
+    try:
+        train = P.checkpoint_dataset(ckpt, train=True, data_dir=args.data_dir)
+        test = P.checkpoint_dataset(ckpt, train=False, data_dir=args.data_dir)
+    except (ValueError, DataNotFoundError) as e:
+        P.die('evaluate.py', e)
+    log = (lambda line: None) if args.json else print
+    judge, accuracy = P.load_judge(train, test, os.path.join(args.runs_dir, 'judges'), device, log)
+    k = model.config.num_classes
+    asked = torch.arange(args.n, device=device) % k if k else None   # the digits in turn
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    samples = torch.cat([model.sample(len(part), args.temperature, generator, None if k == 0 else asked[part])
+                         for part in torch.arange(args.n, device=device).split(1024)])
+    test_feats, _ = features_and_labels(judge, test.images)
+    sample_feats, seen = features_and_labels(judge, samples.float())
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:len(test)]
+    train_feats, _ = features_and_labels(judge, train.images[pick])
+    result = dict(fd=frechet_distance(sample_feats, test_feats), fd_floor=frechet_distance(train_feats, test_feats),
+                  judge_test_accuracy=accuracy, temperature=args.temperature, samples=args.n,
+                  label_histogram=torch.bincount(seen, minlength=10).tolist())
+    if k:
+        hit = seen == asked.cpu()
+        result['judge_accuracy'] = hit.double().mean().item()
+        result['judge_accuracy_per_digit'] = [hit[asked.cpu() == d].double().mean().item() for d in range(k)]
+    return result
+
+
+def classify(model, images, labels, batch_size):
+    """--classify: per-image bpd given the true label, the marginal bpd, the predictions, the accuracy."""
+    nll = class_nll(model, images, batch_size).double().cpu()                         # (N, K) nats
+    given = nll.gather(1, labels.view(-1, 1)).squeeze(1)
+    marginal = -(torch.logsumexp(-nll, dim=1) - math.log(nll.shape[1]))             # uniform p(y)
+    predicted = nll.argmin(1)
+    return (bits_per_dim(images, given), bits_per_dim(images, marginal), predicted,
+            (predicted == labels).double().mean().item())
+
+
+def write_confusion(labels, predicted, k, path):
+    """A PNG of the confusion matrix: rows the true label, columns the predicted one, counts in the cells."""
+    counts = torch.zeros(k, k, dtype=torch.long)
+    counts.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+    fig, ax = P.pyplot().subplots(figsize=(5.5, 5))
+    ax.imshow(counts.numpy(), cmap='Blues')
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, int(counts[i, j]), ha='center', va='center', fontsize=7,
+                    color='white' if counts[i, j] > counts.max() / 2 else 'black')
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xlabel('predicted: argmax_y log p(x | y)')
+    ax.set_ylabel('true label')
+    ax.set_title(f'Bayes classifier: accuracy {(labels == predicted).double().mean().item():.2%}')
+    fig.tight_layout()
+    P.save_figure(fig, path)
+
+
 def output_paths(args, ckpt_path):
     """{what: path} of the files --worst and --per-image ask for, each checked before the evaluation (exit 2 with
     one line when it cannot be written)."""
@@ -108,12 +193,16 @@ def output_paths(args, ckpt_path):
         out_dir = args.out_dir or os.path.dirname(os.path.abspath(ckpt_path))
         paths['worst_png'] = os.path.join(out_dir, f'worst{args.worst}_{args.split}.png')
         paths['histogram_png'] = os.path.join(out_dir, f'bpd_hist_{args.split}.png')
+    if args.classify:
+        out_dir = args.out_dir or os.path.dirname(os.path.abspath(ckpt_path))
+        paths['confusion_png'] = os.path.join(out_dir, f'confusion_{args.split}.png')
     if args.per_image:
         paths['per_image_csv'] = args.per_image
     for key, path in paths.items():
         try:
             P.check_output_file(path, '--per-image' if key == 'per_image_csv' else
-                                f'--worst writes {path}' + ('' if args.out_dir else ' (give --out-dir)'))
+                                f'--{"classify" if key == "confusion_png" else "worst"} writes {path}'
+                                + ('' if args.out_dir else ' (give --out-dir)'))
         except ValueError as error:
             P.die('evaluate.py', error, 2)
     return paths
@@ -125,6 +214,12 @@ def main(argv=None):
     if args.breakdown and args.dequant_samples > 1:
         parser.error('--breakdown splits one dequantisation draw; drop --dequant-samples')
     model, ckpt, ckpt_path = P.open_checkpoint('evaluate.py', args)
+    conditional = model.config.num_classes > 0
+    if args.classify and not conditional:
+        P.die('evaluate.py', f'--classify needs a class-conditional checkpoint (train.py --conditional); {ckpt_path} '
+                             f'is unconditional', 2)
+    if args.classify and (args.breakdown or args.dequant_samples > 1):
+        parser.error('--classify takes one dequantisation draw and no --breakdown')
     paths = output_paths(args, ckpt_path)
     try:
         P.check_memory(P.memory_needed(model.config, eval_batch=args.batch_size * args.dequant_samples),
@@ -139,18 +234,29 @@ def main(argv=None):
         P.die('evaluate.py', f'the data has {data.images.shape[1]} channels, the model {model.config.in_channels}')
     images, labels = data.images[:args.limit], data.labels[:args.limit]
     torch.manual_seed(args.seed)
-    terms = None
+    terms, extra = None, {}
+    if args.breakdown and conditional:
+        P.die('evaluate.py', '--breakdown splits an unconditional model\'s bpd; this checkpoint is class-conditional', 2)
     if args.breakdown:
         bpd, terms = breakdown(model, images, args.batch_size)
+    elif args.classify:
+        bpd, marginal, predicted, accuracy = classify(model, images, labels, args.batch_size)
+        extra = dict(accuracy=accuracy, marginal_bpd=marginal.mean().item(), marginal_stderr=standard_error(marginal))
     else:
-        bpd = per_image_bpd(model, images, args.batch_size, args.dequant_samples)
+        bpd = bits_per_dim(images, nll_per_image(model, images, args.batch_size, args.dequant_samples,
+                                                 labels=labels if conditional else None).double().cpu())
     result = dict(bpd=bpd.mean().item(), stderr=standard_error(bpd), worst_bpd=bpd.max().item(), split=args.split,
                   images=len(images), dequant_samples=args.dequant_samples, ckpt=ckpt_path,
-                  epoch=ckpt.get('state', {}).get('epoch'), step=ckpt.get('state', {}).get('step'))
+                  epoch=ckpt.get('state', {}).get('epoch'), step=ckpt.get('state', {}).get('step'),
+                  conditional=conditional, **extra)
     if terms:
         result['breakdown'] = terms
+    if args.judge:
+        result.update(judge_samples(args, model, ckpt, next(model.parameters()).device))
     try:
         result.update(write_outputs(paths, images, labels, bpd, args.worst))
+        if args.classify:
+            write_confusion(labels, predicted, model.config.num_classes, paths['confusion_png'])
     except P.CheckpointError as error:   # a full disk: the files there before are untouched
         P.die('evaluate.py', error)
     report(args, result)
@@ -175,9 +281,19 @@ def report(args, result):
     print(f'{args.split} bpd {result["bpd"]:.4f} ± {result["stderr"]:.4f} (standard error, {result["images"]} images, '
           f'K = {args.dequant_samples}; worst image {result["worst_bpd"]:.2f}) for {result["ckpt"]} '
           f'(epoch {result["epoch"]}, step {result["step"]})')
+    if result['conditional']:
+        print('  (the bpd of a class-conditional model: -log2 p(x | y) per dimension, given each image\'s label)')
+    if 'accuracy' in result:
+        print(f'Bayes classifier accuracy {result["accuracy"]:.2%}; marginal bpd {result["marginal_bpd"]:.4f} '
+              f'± {result["marginal_stderr"]:.4f} (-log2 sum_y p(x | y) / 10, comparable with an unconditional model)')
+    if 'fd' in result:
+        print(f'{result["samples"]} samples at T = {result["temperature"]:g}: Frechet distance {result["fd"]:.2f} in '
+              f'the judge\'s features (training vs test images: {result["fd_floor"]:.2f}); the judge\'s labels '
+              f'{result["label_histogram"]}' + (f'; the asked digit in {result["judge_accuracy"]:.1%}'
+                                                 if 'judge_accuracy' in result else ''))
     for name, value in result.get('breakdown', {}).items():
         print(f'  {name:<15} {value:8.4f} bits/dim')
-    for key in ('worst_png', 'histogram_png', 'per_image_csv'):
+    for key in ('worst_png', 'histogram_png', 'confusion_png', 'per_image_csv'):
         if key in result:
             print(f'wrote {result[key]}')
 

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from realnvp import (DATASET_CHANNELS, DataNotFoundError, ImageDataset, RealNVP, RealNVPConfig, WeightAverage,
-                     make_optimizer, one_line)
+from realnvp import (DATASET_CHANNELS, DataNotFoundError, DigitJudge, ImageDataset, RealNVP, RealNVPConfig,
+                     WeightAverage, make_optimizer, one_line, to_unit)
 
 # -----------------------------------------------------------------------------
 # Command lines: argparse types (a bad value exits 2 with one line), the model's flags
@@ -62,7 +62,8 @@ def given_flags(build_parser, argv):
 def model_flags(config):
     """The flags (by dest) that give `config`'s architecture: what a preset sets as the parser's defaults."""
     return dict(image_size=config.img_size, num_scales=config.num_scales, mid_channels=config.mid_channels,
-                num_blocks=config.num_blocks, flow_norm=config.flow_norm, t_bound=config.t_bound)
+                num_blocks=config.num_blocks, flow_norm=config.flow_norm, t_bound=config.t_bound,
+                conditional=config.num_classes > 0)
 
 
 def add_model_args(parser):
@@ -82,7 +83,21 @@ def add_model_args(parser):
       help='bound every coupling\'s translation t to (-B, B) by B tanh(t / B); t is not in the log-det, so the '
            'flow stays exact, and one unusual image cannot be carried far out of the range the later couplings '
            f'know; 0: unbounded, as in the lecture (default {default.t_bound:g}; 0 in the lecture\'s model)')
+    a('--conditional', action=argparse.BooleanOptionalAction,
+      help='a class-conditional model: a learned Gaussian prior per label (10 classes), so that log p(x | y) is '
+           'exact and sample.py can draw a given digit; the flow is the same (default: off)')
     parser.set_defaults(**model_flags(default))
+
+
+NUM_CLASSES = 10   # MNIST's digits, CIFAR-10's classes: the labels of --conditional
+
+
+def grid_labels(config, per_class, device):
+    """The labels of a sample grid of a class-conditional model, `per_class` of each class in a row each:
+    (K * per_class,); None for an unconditional model."""
+    if not config.num_classes:
+        return None
+    return torch.arange(config.num_classes, device=device).repeat_interleave(per_class)
 
 
 def config_from_args(args):
@@ -90,7 +105,7 @@ def config_from_args(args):
     in_channels = getattr(args, 'in_channels', None) or DATASET_CHANNELS[getattr(args, 'dataset', 'mnist')]
     return RealNVPConfig(in_channels=in_channels, img_size=args.image_size, num_scales=args.num_scales,
                          mid_channels=args.mid_channels, num_blocks=args.num_blocks, flow_norm=args.flow_norm,
-                         t_bound=args.t_bound)
+                         t_bound=args.t_bound, num_classes=NUM_CLASSES if args.conditional else 0)
 
 
 # -----------------------------------------------------------------------------
@@ -435,6 +450,69 @@ def data_fingerprint(train, test):
     return dict(train=len(train), test=len(test), sha256=digest.hexdigest()[:16])
 
 
+JUDGE_EPOCHS = 3
+
+
+def train_judge(train_set, test_set, device, epochs=JUDGE_EPOCHS, seed=0):
+    """A DigitJudge trained on `train_set` (Adam, batch 128, one-pixel random shifts, the learning rate lowered
+    to 0 along a cosine), with a progress bar; returns it in eval mode and its accuracy on `test_set`."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    judge = DigitJudge(train_set.images.shape[1], train_set.images.shape[-1]).to(device)
+    optimizer = torch.optim.Adam(judge.parameters(), lr=2e-3)
+    steps = epochs * math.ceil(len(train_set) / 128)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    with tqdm(total=steps, desc='training the digit judge', dynamic_ncols=True) as bar:
+        for _ in range(epochs):
+            for idx in torch.randperm(len(train_set), generator=g).split(128):
+                x = to_unit(train_set.images[idx]).to(device)
+                dx, dy = torch.randint(-1, 2, (2,), generator=g).tolist()
+                x = torch.roll(x, (dx, dy), dims=(2, 3))
+                loss = torch.nn.functional.cross_entropy(judge(x), train_set.labels[idx].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                bar.update()
+    judge.eval()
+    return judge, judge_accuracy(judge, test_set.images, test_set.labels)
+
+
+@torch.no_grad()
+def judge_accuracy(judge, images, labels, batch_size=1024):
+    device = next(judge.parameters()).device
+    hits = sum((judge(to_unit(x).to(device)).argmax(1).cpu() == y).sum().item()
+               for x, y in zip(images.split(batch_size), labels.split(batch_size)))
+    return hits / max(len(labels), 1)
+
+
+def load_judge(train_set, test_set, cache_dir, device, log=print):
+    """The digit judge for these data: from `cache_dir`/judge-<data hash>.pt, or trained and cached there the
+    first time. The file is keyed by the data's fingerprint (which covers the image size); one whose recorded
+    data are not these is refused and left as it is, and a judge is trained for this call alone."""
+    fingerprint = data_fingerprint(train_set.images, test_set.images)
+    path = os.path.join(cache_dir, f'judge-{fingerprint["sha256"]}.pt')
+    if os.path.isfile(path):
+        try:
+            cached = torch.load(path, map_location='cpu', weights_only=True)
+            if cached['data'] == fingerprint:
+                judge = DigitJudge(*cached['shape']).to(device)
+                judge.load_state_dict(cached['model'])
+                log(f'digit judge {path}: test accuracy {cached["test_accuracy"]:.2%}')
+                return judge.eval(), cached['test_accuracy']
+            log(f'{path} was trained on other data: not used; training a judge for these')
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError) as e:
+            log(f'{path} cannot be read ({one_line(e)}): not used; training a judge for these')
+        judge, accuracy = train_judge(train_set, test_set, device)
+    else:
+        judge, accuracy = train_judge(train_set, test_set, device)
+        shape = (train_set.images.shape[1], train_set.images.shape[-1])
+        write_atomically(checkpoint_bytes(dict(model=judge.state_dict(), shape=shape, data=fingerprint,
+                                               test_accuracy=accuracy)), path)
+    log(f'digit judge trained: test accuracy {accuracy:.2%}' + (f'; cached in {path}' if os.path.isfile(path) else ''))
+    return judge, accuracy
+
+
 def find_checkpoint(runs_dir='runs'):
     """The newest run's best.pt (or last.pt) under `runs_dir`."""
     candidates = []
@@ -539,9 +617,12 @@ class Dist:
 
 @dataclass
 class Data:
-    """The data as uint8 on the device: the whole training split, and this process's share of the test split."""
+    """The data as uint8 on the device: the whole training split, and this process's share of the test split;
+    their labels for a class-conditional model (None otherwise)."""
     train: torch.Tensor
     test: torch.Tensor
+    train_labels: torch.Tensor | None
+    test_labels: torch.Tensor | None
     n_test: int        # images in the whole test split
     fingerprint: dict  # sizes and a hash of both splits, kept in checkpoints: a resume must see the same data
 
@@ -558,7 +639,10 @@ def load_run_data(args, dist, ckpt):
         die('train.py', f'the data in {args.data_dir} ({fingerprint["train"]} train, {fingerprint["test"]} test '
                           f'images) are not the data this run trained on ({ckpt["data"]["train"]} train, '
                           f'{ckpt["data"]["test"]} test images, another hash); point --data-dir at those')
+    labelled = args.conditional
     return Data(train=train_set.images.to(dist.device), test=dist.shard(test_set.images).to(dist.device),
+                train_labels=train_set.labels.to(dist.device) if labelled else None,
+                test_labels=dist.shard(test_set.labels).to(dist.device) if labelled else None,
                 n_test=len(test_set), fingerprint=fingerprint)
 
 
@@ -699,8 +783,8 @@ class RunFolder:
             write_atomically(data.encode() if isinstance(data, str) else data, self.path(name))
 
     def write_grid(self, images, name):
-        if self.active:
-            save_grid(images, self.path(name))
+        if self.active:   # 8 a row: a class-conditional model's grid has a row a class
+            save_grid(images, self.path(name), nrow=8)
 
     def read_metrics(self, upto_epoch):
         """The rows of metrics.csv up to `upto_epoch` (rows past it belong to epochs a resume redoes); a file

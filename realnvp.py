@@ -6,10 +6,11 @@ notebook (Lecture 8: Normalizing Flows):
     1. squeeze and masks         squeeze_2x2, MaskType, checkerboard_mask
     2. s/t networks              Rescale, WNConv2d, ResidualBlock, ResNet
     3. coupling                  CouplingLayer, BatchNormFlow
-    4. multi-scale model         RealNVPConfig, Scale, RealNVP
-    5. loss and optimisation     RealNVPLoss, nll_terms, bits_per_dim, nll_per_image, get_param_groups,
-                                 WeightAverage, refresh_batch_norm, SkipGuard, train_step
+    4. multi-scale model         RealNVPConfig, Scale, ClassPrior (a class-conditional prior), RealNVP
+    5. loss and optimisation     RealNVPLoss, nll_terms, bits_per_dim, nll_per_image, class_nll,
+                                 get_param_groups, WeightAverage, refresh_batch_norm, SkipGuard, train_step
     6. data                      ImageDataset (MNIST, CIFAR-10), DataNotFoundError
+    7. judging samples           DigitJudge (a digit classifier), frechet_distance
 
 What only the scripts need (checkpoints, run folders, devices, command lines) is in plumbing.py.
 
@@ -333,6 +334,7 @@ class RealNVPConfig:
     data_constraint: float = 0.9
     flow_norm: bool = True    # batch normalisation after each coupling (paper Section 3.7); the lecture has none
     t_bound: float = 10.0     # couplings' translations bounded to (-t_bound, t_bound) by a tanh; 0: unbounded
+    num_classes: int = 0      # > 0: a class-conditional prior (ClassPrior) over that many labels; 0: N(0, I)
 
     @classmethod
     def lecture(cls, **settings):
@@ -344,6 +346,8 @@ class RealNVPConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f'{name} must be a positive integer, got {value!r}')
+        if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 0:
+            raise ValueError(f'num_classes must be an integer >= 0 (0: unconditional), got {self.num_classes!r}')
         if not isinstance(self.flow_norm, bool):
             raise ValueError(f'flow_norm must be True or False, got {self.flow_norm!r}')
         if (not isinstance(self.t_bound, (int, float)) or isinstance(self.t_bound, bool)
@@ -409,6 +413,26 @@ class Scale(nn.Module):
         return squeeze_2x2(torch.cat((x, x_split), dim=1), reverse=True, alt_order=True), sldj  # (B, C, H, W)
 
 
+class ClassPrior(nn.Module):
+    """A class-conditional prior, z | y ~ N(mean_y, diag(exp(log_scale_y))^2), for every latent dimension (the
+    factored-out ones and the last), written as one more invertible layer: eps = (z - mean_y) exp(-log_scale_y),
+    with log-det -sum(log_scale_y), and eps ~ N(0, I) as before. So log p(x | y) = log N(eps) + sldj exactly, the
+    flow and its log-det are unchanged, and the loss is RealNVPLoss as it is. (Glow's `--ycond` prior is of this
+    kind.) Its parameters depend on the label alone, never on x: each class's density stays normalised. Both
+    start at zero, so the first step is the unconditional model's."""
+
+    def __init__(self, num_classes, shape):
+        super().__init__()
+        self.mean = nn.Parameter(torch.zeros(num_classes, *shape))        # (K, C, H, W)
+        self.log_scale = nn.Parameter(torch.zeros(num_classes, *shape))   # (K, C, H, W)
+
+    def forward(self, z, sldj, y, reverse=False):
+        mean, log_scale = self.mean[y], self.log_scale[y]   # (B, C, H, W), the label's
+        if reverse:
+            return z * log_scale.exp() + mean, sldj
+        return (z - mean) * torch.exp(-log_scale), sldj - log_scale.flatten(1).sum(-1)
+
+
 class RealNVP(nn.Module):
     """RealNVP: z = f(logit(c * (x*255 + u)/256 + (1-c)/2)), log p(x) >= log N(z) + log|det df| - D log 256.
 
@@ -426,28 +450,34 @@ class RealNVP(nn.Module):
         c = self.config
         self.flows = Scale(0, c.num_scales, c.in_channels, c.mid_channels, c.num_blocks,
                            flow_norm=c.flow_norm, t_bound=c.t_bound)
+        self.prior = ClassPrior(c.num_classes, self.shape) if c.num_classes else None
         self.to(memory_format=torch.channels_last)  # convolution weights in NHWC, like their inputs
 
     @property
     def shape(self):
         return (self.config.in_channels, self.config.img_size, self.config.img_size)
 
-    def forward(self, x, reverse=False, noise=None, validate=True):
+    def forward(self, x, reverse=False, noise=None, validate=True, labels=None):
         """data -> (z, sldj) with x in [0, 1]; or, with `reverse=True`, latent -> (logits, None).
 
         `noise` is the dequantisation noise u in [0, 1) (drawn when None); `validate=False`
-        skips the input-range check, which costs a host sync, for data already checked."""
+        skips the input-range check, which costs a host sync, for data already checked. A class-conditional
+        model (num_classes > 0) takes each image's label as `labels` (B,), and its z is the prior's eps."""
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f'expected input of shape (B, {", ".join(map(str, self.shape))}), '
                              f'got {tuple(x.shape)}')
+        if (labels is None) != (self.prior is None):
+            raise ValueError('a class-conditional model needs labels, and an unconditional one takes none')
         if reverse:
+            if self.prior is not None:
+                x = self.prior(x, None, labels, reverse=True)[0]
             return self.flows(x, None, reverse=True)
         if validate:
             lo, hi = x.min().item(), x.max().item()
             if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
                 raise ValueError(f'expected pixels in [0, 1], got min {lo:.4g} and max {hi:.4g}')
-        y, sldj = self.preprocess(x, noise)
-        return self.flows(y, sldj)
+        z, sldj = self.flows(*self.preprocess(x, noise))
+        return (z, sldj) if self.prior is None else self.prior(z, sldj, labels)
 
     def preprocess(self, x, noise=None):
         """Dequantise and take logits: y = logit(c*(2v - 1)/2 + 1/2), v = (255x + u)/256 (Section 4.1).
@@ -468,17 +498,20 @@ class RealNVP(nn.Module):
         return ((torch.sigmoid(y) - (1.0 - c) / 2.0) / c).clamp(0.0, 1.0)
 
     @torch.no_grad()
-    def decode(self, z, batch_size=256):
+    def decode(self, z, batch_size=256, labels=None):
         """Latents (n, C, H, W) -> images in [0, 1], in eval mode, `batch_size` at a time (memory does not grow
-        with n); the model's mode is restored."""
+        with n); the model's mode is restored. A class-conditional model takes the labels (n,) to draw."""
+        chunks = labels.split(batch_size) if labels is not None else [None] * math.ceil(len(z) / batch_size)
         with in_mode(self, False):
-            return torch.cat([self.postprocess(self(chunk, reverse=True)[0]) for chunk in z.split(batch_size)])
+            return torch.cat([self.postprocess(self(chunk, reverse=True, labels=y)[0])
+                              for chunk, y in zip(z.split(batch_size), chunks)])
 
-    def sample(self, n, temperature=1.0, generator=None):
-        """n images in [0, 1], shape (n, C, H, W), from z ~ N(0, temperature^2 I)."""
+    def sample(self, n, temperature=1.0, generator=None, labels=None):
+        """n images in [0, 1], shape (n, C, H, W), from z ~ N(0, temperature^2 I) (for a class-conditional model,
+        eps: the prior of each of `labels` (n,), with its spread scaled by the temperature)."""
         param = next(self.parameters())
         z = torch.randn((n, *self.shape), generator=generator, dtype=param.dtype, device=param.device)
-        return self.decode(temperature * z)
+        return self.decode(temperature * z, labels=labels)
 
 
 @contextmanager
@@ -526,6 +559,8 @@ def nll_terms(model, x, noise=None):
         dequantisation  D log 256                       v's bins are 1/256 wide: 8 bits a dimension
 
     Their sum is RealNVPLoss(reduction='none') of model(x, noise=noise)."""
+    if model.prior is not None:
+        raise ValueError('nll_terms splits an unconditional model\'s NLL')
     y, ldj_logit = model.preprocess(x, noise)
     z, ldj_flow = model.flows(y, torch.zeros_like(ldj_logit))
     prior = gaussian_nll(z)
@@ -545,27 +580,50 @@ def to_unit(images):
 
 
 @torch.no_grad()
-def nll_per_image(model, images, batch_size=512, dequant_samples=1, terms=False):
+def nll_per_image(model, images, batch_size=512, dequant_samples=1, terms=False, labels=None):
     """NLL in nats of each uint8 image (N, C, H, W), in eval mode (the model's mode is restored); with
-    `terms=True`, the `nll_terms` of each image instead, {term: (N,)}, from one dequantisation draw.
+    `terms=True`, the `nll_terms` of each image instead, {term: (N,)}, from one dequantisation draw. A
+    class-conditional model takes the images' `labels` (N,): -log p(x | y).
 
     With K = `dequant_samples` > 1 it is the importance-weighted bound -log mean_k p(x + u_k)
     (logsumexp over K dequantisation draws), which is no looser than K = 1."""
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     if len(images) == 0:   # a process's share of a split smaller than the processes
         return {} if terms else torch.zeros(0, device=device)
     loss_fn = RealNVPLoss(reduction='none')
     parts = []
+    label_batches = labels.split(batch_size) if labels is not None else [None] * math.ceil(len(images) / batch_size)
     with in_mode(model, False):
-        for batch in images.split(batch_size):
-            x = to_unit(batch.to(device))                                # (b, C, H, W) in [0, 1]
+        for batch, y in zip(images.split(batch_size), label_batches):
+            x = to_unit(batch.to(device)).to(dtype)                      # (b, C, H, W) in [0, 1]
             if terms:
                 parts.append(nll_terms(model, x))
                 continue
-            draws = torch.stack([loss_fn(*model(x, validate=False)) for _ in range(dequant_samples)])  # (K, b)
+            y = None if y is None else y.to(device)
+            draws = torch.stack([loss_fn(*model(x, validate=False, labels=y))
+                                 for _ in range(dequant_samples)])         # (K, b)
             parts.append(-(torch.logsumexp(-draws, dim=0) - math.log(dequant_samples)))
     if terms:
         return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def class_nll(model, images, batch_size=512):
+    """-log p(x | y) in nats of each uint8 image for every class y of a class-conditional model: (N, K), from
+    one pass of the flow and one dequantisation draw per image (the flow does not depend on y; only the prior
+    does), in eval mode. The Bayes classifier is its argmin (with a uniform p(y)); the marginal NLL is
+    -logsumexp_y(-nll_y + log p(y))."""
+    (device, dtype), prior = (next(model.parameters()).device, next(model.parameters()).dtype), model.prior
+    parts = []
+    with in_mode(model, False):
+        for batch in images.split(batch_size):
+            x = to_unit(batch.to(device)).to(dtype)                         # (b, C, H, W)
+            z, sldj = model.flows(*model.preprocess(x))                     # (b, C, H, W), (b,)
+            eps = (z.unsqueeze(1) - prior.mean) * torch.exp(-prior.log_scale)   # (b, K, C, H, W)
+            nll = gaussian_nll(eps.flatten(0, 1)).view(len(x), -1)         # (b, K)
+            D = x[0].numel()
+            parts.append(nll + prior.log_scale.flatten(1).sum(-1) - sldj.unsqueeze(1) + D * math.log(256))
     return torch.cat(parts)
 
 
@@ -642,7 +700,7 @@ def refresh_batch_norm(model, batches):
             for k, (x, noise) in enumerate(batches, start=1):
                 for m in norms:   # the k-th batch's share of a plain average: what momentum=None gives, without
                     m.momentum = 1.0 / k   # nn.BatchNorm2d reading its batch count back from the device
-                model(x, noise=noise, validate=False)
+                model.flows(*model.preprocess(x, noise))   # the flow's statistics: a class prior has none
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
@@ -712,13 +770,13 @@ class SkipGuard:
             self.optimizer.found_inf.copy_(bad)
 
 
-def train_step(model, guard, loss_fn, x, autocast):
+def train_step(model, guard, loss_fn, x, autocast, labels=None):
     """One optimizer step: a non-finite loss or gradient skips the update (a `SkipGuard`) and leaves every piece
     of state (weights, optimizer moments, batch-norm statistics) as it was. Returns (loss, bad) as 0-dim device
-    tensors."""
+    tensors. `labels`: the batch's, for a class-conditional model."""
     before = guard.snapshot()
     with autocast:
-        z, sldj = model(x, validate=False)
+        z, sldj = model(x, validate=False, labels=labels)
     loss = loss_fn(z.float(), sldj.float())
     guard.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -847,3 +905,42 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return to_unit(self.images[i]), self.labels[i]
+
+
+# -----------------------------------------------------------------------------
+# 7. Judging samples: a digit classifier and the Fréchet distance between feature sets
+
+
+class DigitJudge(nn.Module):
+    """A small convolutional digit classifier for one image size, trained on the training split: an independent
+    judge of samples. Its penultimate layer's 128 features give the Fréchet distance between samples and real
+    images (as FID does with Inception's); its labels say which digits the samples show."""
+
+    def __init__(self, in_channels=1, img_size=14, num_classes=10):
+        super().__init__()
+        block = lambda c_in, c_out: (nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU())
+        self.body = nn.Sequential(
+            *block(in_channels, 32), *block(32, 32), nn.MaxPool2d(2),                 # (B, 32, H/2, W/2)
+            *block(32, 64), *block(64, 64), nn.MaxPool2d(2),                          # (B, 64, H/4, W/4)
+            nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * (img_size // 4) ** 2, 128), nn.ReLU())   # (B, 128)
+        self.head = nn.Linear(128, num_classes)
+
+    def features(self, x):
+        """x in [0, 1], (B, C, H, W) -> (B, 128)."""
+        return self.body(2.0 * x - 1.0)
+
+    def forward(self, x):
+        return self.head(self.features(x))   # (B, num_classes) logits
+
+
+def frechet_distance(a, b):
+    """Fréchet distance between Gaussians fitted to two feature sets (N, F) and (M, F), in float64:
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)). tr (S_a S_b)^(1/2) is the sum of the square roots of
+    the eigenvalues of S_a^(1/2) S_b S_a^(1/2), a symmetric matrix with the same eigenvalues as S_a S_b."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()

@@ -2,6 +2,7 @@
 
     python sample.py --n 16                      # newest run's best.pt -> a 4x4 grid PNG
     python sample.py --ckpt runs/x/best.pt --n 64 --temperature 0.7
+    python sample.py --n 8 --digit 7 3           # a --conditional run: 8 sevens, then 8 threes, a row each
     python sample.py --interpolate --pairs 4 --steps 8
 """
 import argparse
@@ -22,6 +23,9 @@ def build_parser():
     a('--runs-dir', default='runs', help='where to look for the newest run (default runs)')
     a('--n', type=P.positive_int, default=16, help='number of samples (default 16)')
     a('--temperature', type=P.positive_float, default=1.0, help='z ~ N(0, T^2 I) (default 1.0)')
+    a('--digit', type=int, nargs='+', choices=range(10), metavar='D',
+      help='with a class-conditional checkpoint (train.py --conditional): draw these digits, --n of each, a row '
+           'each (default: a row of each of the ten)')
     a('--seed', type=P.seed, default=0, help='seed for z (default 0)')
     a('--out', default=None, help='PNG (or .jpg) to write (default: samples_n<N>_t<T>_s<seed>.png beside the checkpoint)')
     a('--device', default=None, help='cpu, cuda, cuda:N or mps (default: the best there is)')
@@ -42,11 +46,12 @@ def interpolate(model, x_a, x_b, steps):
     and every factored-out latent is kept, so the ends decode back to the inputs exactly."""
     model.eval()
     half = torch.full_like(x_a, 0.5)
-    z_a, _ = model(x_a, noise=half)
-    z_b, _ = model(x_b, noise=half)
+    z_a, _ = model.flows(*model.preprocess(x_a, half))   # the flow's latent (a class prior comes after it)
+    z_b, _ = model.flows(*model.preprocess(x_b, half))
     alphas = torch.linspace(0, 1, steps, dtype=z_a.dtype, device=z_a.device).view(1, steps, 1, 1, 1)
     z = (1 - alphas) * z_a.unsqueeze(1) + alphas * z_b.unsqueeze(1)   # (B, steps, C, H, W)
-    return to_8bit(model.decode(z.flatten(0, 1)))
+    return to_8bit(torch.cat([model.postprocess(model.flows(part, None, reverse=True)[0])
+                              for part in z.flatten(0, 1).split(256)]))
 
 
 def to_8bit(v):
@@ -59,7 +64,7 @@ MAX_GRID = 4096  # images in one PNG: a 64x64 grid, 3,600 pixels a side at 14x14
 
 def check_args(parser, args):
     """What argparse cannot check: the grid's size, in images and in memory (exit 2 with one line)."""
-    count = args.pairs * args.steps if args.interpolate else args.n
+    count = args.pairs * args.steps if args.interpolate else args.n * (len(args.digit) if args.digit else 1)
     if count > MAX_GRID:
         what = f'--pairs {args.pairs} x --steps {args.steps}' if args.interpolate else f'--n {args.n}'
         parser.error(f'{what} asks for {count} images in one grid; at most {MAX_GRID} fit a PNG')
@@ -77,7 +82,8 @@ def output_path(args, ckpt_path):
     if args.interpolate:
         name = f'interpolate_p{args.pairs}_s{args.seed}.png'
     else:
-        name = f'samples_n{args.n}_t{args.temperature:g}_s{args.seed}.png'
+        digits = f'_d{"".join(map(str, args.digit))}' if args.digit else ''
+        name = f'samples_n{args.n}{digits}_t{args.temperature:g}_s{args.seed}.png'
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), name)
     try:
         P.check_output_file(out, f'--out {out}' if args.out else f'the default output {out} (give --out)',
@@ -92,6 +98,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_args(parser, args)
     model, ckpt, ckpt_path = P.open_checkpoint('sample.py', args)
+    classes = model.config.num_classes
+    if args.digit and not classes:
+        P.die('sample.py', f'--digit needs a class-conditional checkpoint (train.py --conditional); {ckpt_path} is '
+                           f'unconditional', 2)
     out = output_path(args, ckpt_path)
     try:
         P.check_memory(P.memory_needed(model.config, eval_batch=256), 'decoding 256 latents at a time', 'a machine '
@@ -113,8 +123,9 @@ def main(argv=None):
         nrow = args.steps
     else:
         generator = torch.Generator(device=device).manual_seed(args.seed)
-        images = model.sample(args.n, temperature=args.temperature, generator=generator)
-        nrow = math.ceil(math.sqrt(args.n))
+        labels = torch.tensor(args.digit or range(classes), device=device).repeat_interleave(args.n) if classes else None
+        images = model.sample(args.n if labels is None else len(labels), args.temperature, generator, labels)
+        nrow = math.ceil(math.sqrt(args.n)) if labels is None else args.n
     if not torch.isfinite(images).all():
         P.die('sample.py', f'the samples at --temperature {args.temperature:g} are not finite (the flow overflows '
                            f'there); choose a smaller --temperature. Nothing was written')

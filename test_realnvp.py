@@ -620,3 +620,80 @@ def test_refreshed_batch_norm_makes_eval_mode_match_train_mode(flow_norm):
     means = [(model.preprocess(xx, uu)[0] * b).mean() for xx, uu in halves]
     assert torch.allclose(first.running_mean, torch.stack(means).mean().reshape(1), rtol=0, atol=1e-12)
 
+
+
+# -----------------------------------------------------------------------------
+# the class-conditional prior and the judge's distance
+
+
+def conditional_tiny(seed=0):
+    """A float64 tiny class-conditional model, its prior moved off zero, in eval mode."""
+    torch.manual_seed(seed)
+    model = tiny_model(1, 4, 2, num_classes=3)
+    with torch.no_grad():
+        model.prior.mean.normal_()
+        model.prior.log_scale.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def test_the_class_prior_gives_log_p_x_given_y_as_a_gaussian_of_the_flow_latent_would():
+    """log p(x | y) from the model (eps and sldj through RealNVPLoss) against an independent computation: the
+    flow's z under torch.distributions.Normal(mean_y, exp(log_scale_y)), in float64; and eps decodes back."""
+    model = conditional_tiny()
+    x, u = torch.rand(6, 1, 4, 4, dtype=torch.float64), torch.rand(6, 1, 4, 4, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 2, 1, 0])
+    eps, sldj = model(x, noise=u, labels=labels)
+    nll = RealNVPLoss(reduction='none')(eps, sldj)
+    z, flow_sldj = model.flows(*model.preprocess(x, u))
+    prior = torch.distributions.Normal(model.prior.mean[labels], model.prior.log_scale[labels].exp())
+    expected = -(prior.log_prob(z).flatten(1).sum(-1) + flow_sldj) + 16 * math.log(256)
+    assert (nll - expected).abs().max() < 1e-9
+    y, _ = model(eps, reverse=True, labels=labels)
+    assert (y - model.preprocess(x, u)[0]).abs().max() < 1e-8
+    with pytest.raises(ValueError, match='needs labels'):
+        model(x)
+
+
+def test_a_class_prior_at_zero_is_the_unconditional_model():
+    models = []
+    for classes in (10, 0):
+        torch.manual_seed(0)
+        models.append(RealNVP(img_size=4, num_classes=classes, **TINY).double().eval())
+    conditional, unconditional = models
+    assert torch.equal(conditional.prior.log_scale, torch.zeros(10, 1, 4, 4))
+    x, u = torch.rand(4, 1, 4, 4, dtype=torch.float64), torch.rand(4, 1, 4, 4, dtype=torch.float64)
+    a = conditional(x, noise=u, labels=torch.tensor([3, 1, 4, 1]))
+    b = unconditional(x, noise=u)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_class_nll_is_the_model_nll_under_each_label():
+    """class_nll runs the flow once and the prior for every class: each column equals the model's NLL with that
+    label, for the same dequantisation draw."""
+    model = conditional_tiny()
+    images = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8)
+    torch.manual_seed(1)
+    table = realnvp.class_nll(model, images)
+    for y in range(3):
+        torch.manual_seed(1)
+        column = realnvp.nll_per_image(model, images, labels=torch.full((5,), y))
+        assert (table[:, y] - column).abs().max() < 1e-9
+    assert table.shape == (5, 3)
+
+
+def test_the_frechet_distance_matches_the_closed_form_and_is_zero_for_one_set():
+    """Features whose sample covariances are diagonal (orthogonal zero-mean columns of a Hadamard matrix): the
+    distance is |mu_a - mu_b|^2 + sum (s_a - s_b)^2, in float64; 0 between a set and itself; symmetric."""
+    h = torch.tensor([[1.0]], dtype=torch.float64)
+    for _ in range(3):
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])           # 8 x 8 Sylvester-Hadamard
+    columns = h[:, 1:4]                                                        # zero mean, orthogonal
+    s_a, s_b, mu_a, mu_b = torch.tensor([[1.0, 2.0, 3.0], [2.0, 2.0, 5.0], [0.5, -1.0, 2.0], [0.0, 1.0, 2.0]],
+                                        dtype=torch.float64)
+    a, b = columns * s_a + mu_a, columns * s_b + mu_b
+    scale = math.sqrt(8 / 7)                                                   # the unbiased covariance's
+    expected = (mu_a - mu_b).square().sum() + ((s_a - s_b) * scale).square().sum()
+    assert abs(realnvp.frechet_distance(a, b) - expected.item()) < 1e-9
+    assert abs(realnvp.frechet_distance(b, a) - expected.item()) < 1e-9
+    features = torch.randn(200, 16, dtype=torch.float64)
+    assert abs(realnvp.frechet_distance(features, features)) < 1e-8

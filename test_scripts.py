@@ -119,6 +119,9 @@ def test_evaluate_breakdown_worst_and_per_image(full_run, data_dir, tmp_path):
 # (script, arguments, exit code, words the one line must hold); {names} are the paths of the `bad_files` fixture.
 BAD_INPUT = [
     ('sample.py', ['--ckpt', '{best}', '--n', '0'], 2, ['--n', 'positive integer']),
+    ('sample.py', ['--ckpt', '{best}', '--digit', '10'], 2, ['--digit', 'invalid choice']),
+    ('evaluate.py', ['--ckpt', '{best}', '--judge', '--temperature', '0'], 2, ['--temperature', 'positive']),
+    ('evaluate.py', ['--ckpt', '{best}', '--breakdown', '--classify'], 2, ['--classify needs a class-conditional']),
     ('train.py', ['--epochs', '-1'], 2, ['--epochs']),
     ('train.py', ['--t-bound', '-1'], 2, ['--t-bound', 'zero or a positive number']),
     ('train.py', ['--image-size', '7', '--data-dir', '{data}'], 2, ['image size 7']),

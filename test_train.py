@@ -88,7 +88,7 @@ def test_train_writes_checkpoints_metrics_plot_and_grid(full_run):
     s = ckpt['state']
     assert s['step'] == 14 and s['epoch'] == 2 and s['skipped'] == 0 and ckpt['format'] == plumbing.CHECKPOINT_FORMAT
     assert ckpt['config'] == dict(in_channels=1, img_size=8, num_scales=2, mid_channels=4, num_blocks=1,
-                                  data_constraint=0.9, flow_norm=True, t_bound=10.0)   # the default recipe's
+                                  data_constraint=0.9, flow_norm=True, t_bound=10.0, num_classes=0)   # the default's
     assert ckpt['args']['seed'] == 0 and 'state' in ckpt['optimizer']
     last_lr = train.learning_rate(SimpleNamespace(**ckpt['args']), 13, 14)   # step 14 of 14 ran at this lr
     assert 0 < last_lr < 1e-3 and all(g['lr'] == last_lr for g in ckpt['optimizer']['param_groups'])
@@ -357,15 +357,16 @@ def test_every_batch_is_full_and_every_image_is_seen_each_epoch():
     assert torch.equal(torch.stack(halves, 1).flatten()[:100], order[:100])
 
 
-@pytest.mark.parametrize('flow_norm', [False, True])
+@pytest.mark.parametrize('flow_norm, classes', [(False, 0), (True, 0), (True, 10)])
 @pytest.mark.parametrize('amp', [False, True])
-def test_the_model_traces_into_one_graph_forward_and_reverse(amp, flow_norm):
-    """torch.compile sees the whole flow, under --amp's autocast too: no graph breaks either way."""
-    model = RealNVP(img_size=8, flow_norm=flow_norm, **TINY)
+def test_the_model_traces_into_one_graph_forward_and_reverse(amp, flow_norm, classes):
+    """torch.compile sees the whole flow, under --amp's autocast too, with a class prior too: no graph breaks."""
+    model = RealNVP(img_size=8, flow_norm=flow_norm, num_classes=classes, **TINY)
+    labels = torch.tensor([0, 3, 9, 3]) if classes else None
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
-        forward = torch._dynamo.explain(model)(torch.rand(4, 1, 8, 8), validate=False)
+        forward = torch._dynamo.explain(model)(torch.rand(4, 1, 8, 8), validate=False, labels=labels)
         model.eval()
-        reverse = torch._dynamo.explain(model)(torch.randn(4, 1, 8, 8), reverse=True)
+        reverse = torch._dynamo.explain(model)(torch.randn(4, 1, 8, 8), reverse=True, labels=labels)
     for explained in (forward, reverse):
         assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
@@ -393,8 +394,9 @@ def test_a_compiled_run_never_recompiles(data_dir, tmp_path, monkeypatch, fresh_
         after_step.append(len(graphs))
         return result
     monkeypatch.setattr(train, 'train_step', counted_step)
-    out = str(tmp_path / 'compiled')
-    assert train.main(['--data-dir', data_dir, '--out-dir', out, '--epochs', '2', '--compile', *TINY_RUN]) == 0
+    out = str(tmp_path / 'compiled')   # class-conditional: the labels are one more input of the same graph
+    assert train.main(['--data-dir', data_dir, '--out-dir', out, '--epochs', '2', '--compile', '--conditional',
+                       *TINY_RUN]) == 0
     assert load(os.path.join(out, 'last.pt'))['state']['step'] == len(after_step) == 14
     assert after_step[0] >= 2 and after_step == after_step[:1] * 14, after_step
 
@@ -687,12 +689,13 @@ def test_torchrun_agrees_across_ranks_and_a_stop_and_resume_equals_the_uninterru
                                 text=True, timeout=300, env=env, cwd=HERE)
         assert result.returncode == 0, result.stderr[-3000:]
         return result
-    for recipe in ('default', 'lecture'):
-        full, stopped = str(tmp_path / f'{recipe}-full'), str(tmp_path / f'{recipe}-stopped')
-        result = torchrun('--data-dir', data_dir, '--out-dir', full, '--epochs', 2, '--recipe', recipe, *TINY_RUN)
+    for recipe, *conditional in (('default',), ('lecture',), ('default', '--conditional')):
+        full, stopped = (str(tmp_path / f'{recipe}{"".join(conditional)}-{run}') for run in ('full', 'stopped'))
+        result = torchrun('--data-dir', data_dir, '--out-dir', full, '--epochs', 2, '--recipe', recipe, *conditional,
+                          *TINY_RUN)
         assert 'weights identical across 2 ranks' in result.stdout and '2 process(es)' in result.stdout
         torchrun('--data-dir', data_dir, '--out-dir', stopped, '--epochs', 2, '--recipe', recipe, '--max-steps', 10,
-                 *TINY_RUN)
+                 *conditional, *TINY_RUN)
         torchrun('--resume', os.path.join(stopped, 'last.pt'), '--data-dir', data_dir, *TINY_RUN[-3:])
         assert_same_weights(os.path.join(stopped, 'last.pt'), os.path.join(full, 'last.pt'))
         rows = [open(os.path.join(run, 'metrics.csv')).read().splitlines() for run in (full, stopped)]

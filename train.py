@@ -47,7 +47,7 @@ FROZEN, KEPT, PER_RUN = 'frozen', 'kept', 'per-run'
 RESUME_POLICY = {
     **dict.fromkeys(('batch_size', 'recipe', 'lr', 'weight_decay', 'warmup_steps', 'lr_decay', 'ema_decay',
                      'max_grad_norm', 'num_scales', 'mid_channels', 'num_blocks', 'image_size', 'flow_norm',
-                     't_bound', 'digits', 'dataset', 'seed', 'amp'), FROZEN),
+                     't_bound', 'conditional', 'digits', 'dataset', 'seed', 'amp'), FROZEN),
     **dict.fromkeys(('epochs', 'sample_every', 'log_every', 'max_bad_steps', 'data_dir', 'bn_refresh'), KEPT),
     **dict.fromkeys(('out_dir', 'resume', 'max_steps', 'device', 'compile', 'deterministic', 'num_threads'),
                     PER_RUN),
@@ -199,8 +199,7 @@ def learning_rate(args, step, total):
     """--lr for optimizer step `step` (from 0) of a run of `total` steps: raised linearly over the first
     --warmup-steps, lowered linearly to 0 over the last --lr-decay of the run, constant between."""
     warmup = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
-    decay_steps = args.lr_decay * total
-    decay = min(1.0, max(0.0, (total - step) / decay_steps)) if decay_steps else 1.0
+    decay = min(1.0, max(0.0, (total - step) / (args.lr_decay * total))) if args.lr_decay and total else 1.0
     return args.lr * warmup * decay
 
 
@@ -255,9 +254,9 @@ class Trainer:
         native, hardware = P.native_bf16(self.dist.device)
         self.run.log(f'bf16 autocast {"on" if args.amp else "off"} (the default on {hardware}: '
                      f'{"on" if native else "off"}; --amp or --no-amp chooses)')
-        n_params = sum(p.numel() for p in self.model.parameters())
         self.run.log(f'{args.dataset} {args.image_size}x{args.image_size}: {len(self.data.train)} train, '
-                     f'{self.data.n_test} test images; {n_params / 1e6:.2f}M parameters; recipe {args.recipe}')
+                     f'{self.data.n_test} test images; {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M '
+                     f'parameters; recipe {args.recipe}{"; class-conditional" if args.conditional else ""}')
         self.run.log('training')
 
     def steps_per_epoch(self):
@@ -278,8 +277,9 @@ class Trainer:
                 for i in bar:
                     idx = order[i * batch:(i + 1) * batch]
                     self.guard.set_lr(learning_rate(args, s.step, args.epochs * steps))
+                    labels = None if self.data.train_labels is None else self.data.train_labels[idx]
                     loss, bad = train_step(self.net, self.guard, self.loss_fn, to_unit(self.data.train[idx]),
-                                           self.autocast)
+                                           self.autocast, labels)
                     self.average.update(self.model, s.step + 1, bad)
                     totals += torch.stack([torch.where(bad > 0, 0.0, loss.double() * batch),
                                            (1.0 - bad).double() * batch])
@@ -322,18 +322,18 @@ class Trainer:
         averaged = self.averaged_model()
         bpd = self.test_bpd(averaged)
         s.epoch, s.epoch_loss, s.epoch_count = s.epoch + 1, 0.0, 0.0
-        is_best = bpd < s.best_bpd
-        s.best_bpd = min(bpd, s.best_bpd)
+        is_best, s.best_bpd = bpd < s.best_bpd, min(bpd, s.best_bpd)
         blob = self.checkpoint(averaged)
         if is_best:
             self.run.write('best.pt', blob)
         self.rows.append(dict(epoch=s.epoch, step=s.step, train_bpd=f'{train_bpd:.5f}', test_bpd=f'{bpd:.5f}',
-                              skipped_steps=s.skipped, seconds=f'{seconds:.1f}',
-                              images_per_s=f'{images / seconds:.1f}'))
+                              skipped_steps=s.skipped, seconds=f'{seconds:.1f}', images_per_s=f'{images / seconds:.1f}'))
         self.run.write_metrics(self.rows)
         if self.run.active and (s.epoch == 1 or s.epoch % self.args.sample_every == 0):
-            fixed_z = torch.randn((64, *self.model.shape), generator=torch.Generator().manual_seed(self.args.seed))
-            self.run.write_grid(averaged.decode(fixed_z.to(self.dist.device)).cpu(), f'samples_epoch{s.epoch:03d}.png')
+            labels = P.grid_labels(self.model.config, 8, self.dist.device)
+            z = torch.randn((64 if labels is None else len(labels), *self.model.shape),
+                            generator=torch.Generator().manual_seed(self.args.seed)).to(self.dist.device)
+            self.run.write_grid(averaged.decode(z, labels=labels).cpu(), f'samples_epoch{s.epoch:03d}.png')
         self.run.write('last.pt', blob)
         self.run.log(f'epoch {s.epoch}: train bpd {train_bpd:.4f}, test bpd {bpd:.4f}{" (best)" if is_best else ""}, '
                      f'{seconds:.0f}s, {images / seconds:.1f} images/s, {s.skipped} skipped steps')
@@ -366,7 +366,7 @@ class Trainer:
         """Test bpd of the averaged model over the whole test split (each process evaluates its share), under
         --amp's autocast: the density function training optimised."""
         with self.autocast:
-            nll = nll_per_image(averaged, self.data.test, batch_size=EVAL_BATCH).double()
+            nll = nll_per_image(averaged, self.data.test, EVAL_BATCH, labels=self.data.test_labels).double()
         total = self.dist.all_reduce(torch.stack([nll.sum(), torch.tensor(float(len(nll)), device=self.dist.device,
                                                                           dtype=torch.float64)]))
         return self.bpd((total[0] / total[1]).item())

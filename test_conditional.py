@@ -1,0 +1,115 @@
+"""The class-conditional model through the scripts: train.py --conditional, sample.py --digit, evaluate.py
+--classify and --judge, an exact resume, and the digit judge's cache."""
+import json
+import os
+
+import pytest
+import torch
+
+import plumbing
+from conftest import TINY_RUN, assert_one_line_error, assert_same_weights, load, make_mnist
+from realnvp import ImageDataset, RealNVP
+
+
+@pytest.fixture(scope='module')
+def conditional_run(data_dir, tmp_path_factory):
+    import train
+    out = str(tmp_path_factory.mktemp('conditional') / 'run')
+    assert train.main(['--data-dir', data_dir, '--out-dir', out, '--epochs', '1', '--conditional', *TINY_RUN]) == 0
+    return out
+
+
+def test_a_conditional_run_saves_its_prior_and_says_so(conditional_run):
+    ckpt = load(os.path.join(conditional_run, 'best.pt'))
+    assert ckpt['config']['num_classes'] == 10 and ckpt['args']['conditional']
+    assert ckpt['model']['prior.mean'].shape == (10, 1, 8, 8)
+    assert not torch.equal(ckpt['train_model']['prior.mean'], torch.zeros(10, 1, 8, 8))   # it trained
+    assert 'class-conditional' in open(os.path.join(conditional_run, 'train.log')).read()
+
+
+def test_sample_draws_the_asked_digits_a_row_each(conditional_run, tmp_path, in_process, monkeypatch):
+    from PIL import Image
+    asked = []
+    sample = RealNVP.sample
+    monkeypatch.setattr(RealNVP, 'sample', lambda self, n, t, g, labels=None: asked.append(labels) or
+                        sample(self, n, t, g, labels))
+    out = str(tmp_path / 'digits.png')
+    result = in_process('sample.py', '--ckpt', os.path.join(conditional_run, 'best.pt'), '--n', 3, '--digit', 7, 3,
+                        '--out', out, '--scale', 1)
+    assert result.returncode == 0, result.stderr
+    assert asked[-1].tolist() == [7, 7, 7, 3, 3, 3]
+    assert Image.open(out).size == (3 * 9 + 1, 2 * 9 + 1)    # 3 a row, a row a digit
+    every = str(tmp_path / 'every.png')
+    assert in_process('sample.py', '--ckpt', os.path.join(conditional_run, 'best.pt'), '--n', 2, '--out', every,
+                      '--scale', 1).returncode == 0
+    assert asked[-1].tolist() == [d for d in range(10) for _ in range(2)]
+    assert Image.open(every).size == (2 * 9 + 1, 10 * 9 + 1)
+
+
+def test_an_unconditional_checkpoint_asked_for_a_digit_or_to_classify_is_one_line(full_run, tmp_path, in_process):
+    result = in_process('sample.py', '--ckpt', os.path.join(full_run, 'best.pt'), '--digit', 3,
+                        '--out', str(tmp_path / 'x.png'))
+    assert_one_line_error(result, 2, '--digit needs a class-conditional checkpoint')
+    result = in_process('evaluate.py', '--ckpt', os.path.join(full_run, 'best.pt'), '--classify')
+    assert_one_line_error(result, 2, '--classify needs a class-conditional checkpoint')
+    assert not os.path.exists(tmp_path / 'x.png')
+
+
+def test_classify_reports_accuracy_and_a_marginal_within_log2_10_bits_an_image(conditional_run, data_dir, tmp_path,
+                                                                               in_process):
+    """-log p(x) = -log sum_y p(x | y) / 10 <= -log p(x | y_true) + log 10: the marginal bpd is at most the
+    conditional one plus log2(10) / D, and no better than the best class's; the confusion PNG is written."""
+    result = in_process('evaluate.py', '--ckpt', os.path.join(conditional_run, 'best.pt'), '--data-dir', data_dir,
+                        '--classify', '--json', '--out-dir', str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout)
+    assert 0.0 <= r['accuracy'] <= 1.0 and r['conditional']
+    assert r['bpd'] - 1e-9 <= r['marginal_bpd'] + torch.log2(torch.tensor(10.0)).item() / 64
+    assert r['marginal_bpd'] <= r['bpd'] + torch.log2(torch.tensor(10.0)).item() / 64 + 1e-9
+    assert os.path.getsize(r['confusion_png']) > 1000
+
+
+def test_a_conditional_run_resumes_exactly(conditional_run, data_dir, tmp_path):
+    import train
+    stopped = str(tmp_path / 'stopped')
+    args = ['--data-dir', data_dir, '--conditional', '--epochs', '1', *TINY_RUN]
+    assert train.main(['--out-dir', stopped, '--max-steps', '3', *args]) == 0
+    assert train.main(['--resume', os.path.join(stopped, 'last.pt'), '--data-dir', data_dir]) == 0
+    assert_same_weights(os.path.join(stopped, 'last.pt'), os.path.join(conditional_run, 'last.pt'))
+
+
+def test_judge_reports_the_distance_its_floor_and_the_asked_digits_and_caches_the_judge(conditional_run, data_dir,
+                                                                                       tmp_path, in_process):
+    runs = str(tmp_path / 'runs')
+    args = ['--ckpt', os.path.join(conditional_run, 'best.pt'), '--data-dir', data_dir, '--judge', '--n', 30,
+            '--runs-dir', runs, '--temperature', 0.8]
+    first = in_process('evaluate.py', *args)
+    assert first.returncode == 0, first.stderr
+    assert 'digit judge trained' in first.stdout and 'Frechet distance' in first.stdout
+    [cached] = os.listdir(os.path.join(runs, 'judges'))
+    result = in_process('evaluate.py', *args, '--json')
+    assert result.returncode == 0 and 'training the digit judge' not in result.stderr   # the cache, not a new one
+    r = json.loads(result.stdout)
+    assert r['fd'] > 0 and r['fd_floor'] > 0 and 0 <= r['judge_test_accuracy'] <= 1
+    assert sum(r['label_histogram']) == 30 and len(r['judge_accuracy_per_digit']) == 10
+    assert 0 <= r['judge_accuracy'] <= 1 and os.listdir(os.path.join(runs, 'judges')) == [cached]
+
+
+def test_a_cached_judge_of_other_data_is_refused_and_left_alone(tmp_path):
+    """A judge file whose recorded data are not these (copied under these data's name) is not used: a judge is
+    trained for the call, and the file stays as it was."""
+    sets = {}
+    for seed in (0, 1):
+        root = make_mnist(str(tmp_path / f'data{seed}'), n=40, seed=seed)
+        sets[seed] = [ImageDataset('mnist', root, train=t, img_size=8) for t in (True, False)]
+    cache = str(tmp_path / 'judges')
+    logs = []
+    plumbing.load_judge(*sets[0], cache, torch.device('cpu'), logs.append)
+    [name] = os.listdir(cache)
+    other = plumbing.data_fingerprint(sets[1][0].images, sets[1][1].images)['sha256']
+    os.rename(os.path.join(cache, name), os.path.join(cache, f'judge-{other}.pt'))
+    before = open(os.path.join(cache, f'judge-{other}.pt'), 'rb').read()
+    judge, accuracy = plumbing.load_judge(*sets[1], cache, torch.device('cpu'), logs.append)
+    assert any('trained on other data: not used' in line for line in logs)
+    assert open(os.path.join(cache, f'judge-{other}.pt'), 'rb').read() == before
+    assert 0.0 <= accuracy <= 1.0
