@@ -492,7 +492,8 @@ def load_judge(train_set, test_set, cache_dir, device, log=print):
     data are not these is refused and left as it is, and a judge is trained for this call alone."""
     fingerprint = data_fingerprint(train_set.images, test_set.images)
     path = os.path.join(cache_dir, f'judge-{fingerprint["sha256"]}.pt')
-    if os.path.isfile(path):
+    there = os.path.isfile(path)
+    if there:
         try:
             cached = torch.load(path, map_location='cpu', weights_only=True)
             if cached['data'] == fingerprint:
@@ -503,13 +504,12 @@ def load_judge(train_set, test_set, cache_dir, device, log=print):
             log(f'{path} was trained on other data: not used; training a judge for these')
         except (OSError, RuntimeError, KeyError, TypeError, ValueError) as e:
             log(f'{path} cannot be read ({one_line(e)}): not used; training a judge for these')
-        judge, accuracy = train_judge(train_set, test_set, device)
-    else:
-        judge, accuracy = train_judge(train_set, test_set, device)
+    judge, accuracy = train_judge(train_set, test_set, device)
+    if not there:
         shape = (train_set.images.shape[1], train_set.images.shape[-1])
         write_atomically(checkpoint_bytes(dict(model=judge.state_dict(), shape=shape, data=fingerprint,
                                                test_accuracy=accuracy)), path)
-    log(f'digit judge trained: test accuracy {accuracy:.2%}' + (f'; cached in {path}' if os.path.isfile(path) else ''))
+    log(f'digit judge trained: test accuracy {accuracy:.2%}' + ('' if there else f'; cached in {path}'))
     return judge, accuracy
 
 

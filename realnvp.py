@@ -587,19 +587,19 @@ def nll_per_image(model, images, batch_size=512, dequant_samples=1, terms=False,
 
     With K = `dequant_samples` > 1 it is the importance-weighted bound -log mean_k p(x + u_k)
     (logsumexp over K dequantisation draws), which is no looser than K = 1."""
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    param = next(model.parameters())
     if len(images) == 0:   # a process's share of a split smaller than the processes
-        return {} if terms else torch.zeros(0, device=device)
+        return {} if terms else torch.zeros(0, device=param.device)
     loss_fn = RealNVPLoss(reduction='none')
     parts = []
     label_batches = labels.split(batch_size) if labels is not None else [None] * math.ceil(len(images) / batch_size)
     with in_mode(model, False):
         for batch, y in zip(images.split(batch_size), label_batches):
-            x = to_unit(batch.to(device)).to(dtype)                      # (b, C, H, W) in [0, 1]
+            x = to_unit(batch.to(param.device)).to(param.dtype)          # (b, C, H, W) in [0, 1]
             if terms:
                 parts.append(nll_terms(model, x))
                 continue
-            y = None if y is None else y.to(device)
+            y = None if y is None else y.to(param.device)
             draws = torch.stack([loss_fn(*model(x, validate=False, labels=y))
                                  for _ in range(dequant_samples)])         # (K, b)
             parts.append(-(torch.logsumexp(-draws, dim=0) - math.log(dequant_samples)))
@@ -614,11 +614,11 @@ def class_nll(model, images, batch_size=512):
     one pass of the flow and one dequantisation draw per image (the flow does not depend on y; only the prior
     does), in eval mode. The Bayes classifier is its argmin (with a uniform p(y)); the marginal NLL is
     -logsumexp_y(-nll_y + log p(y))."""
-    (device, dtype), prior = (next(model.parameters()).device, next(model.parameters()).dtype), model.prior
+    param, prior = next(model.parameters()), model.prior
     parts = []
     with in_mode(model, False):
         for batch in images.split(batch_size):
-            x = to_unit(batch.to(device)).to(dtype)                         # (b, C, H, W)
+            x = to_unit(batch.to(param.device)).to(param.dtype)             # (b, C, H, W)
             z, sldj = model.flows(*model.preprocess(x))                     # (b, C, H, W), (b,)
             eps = (z.unsqueeze(1) - prior.mean) * torch.exp(-prior.log_scale)   # (b, K, C, H, W)
             nll = gaussian_nll(eps.flatten(0, 1)).view(len(x), -1)         # (b, K)
