@@ -546,6 +546,9 @@ def print_summary(summary):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.conditional:
+        parser.error('--conditional: bench.py times the unconditional model (the class prior is one elementwise '
+                     'layer more, the flow the same)')
     if args.lecture and not os.path.isfile(args.lecture):
         parser.error(f'--lecture {args.lecture}: no such file (the lecture notebook is ../shared/seed/000_*.txt)')
     if args.summarize:

@@ -120,6 +120,7 @@ def test_evaluate_breakdown_worst_and_per_image(full_run, data_dir, tmp_path):
 BAD_INPUT = [
     ('sample.py', ['--ckpt', '{best}', '--n', '0'], 2, ['--n', 'positive integer']),
     ('sample.py', ['--ckpt', '{best}', '--digit', '10'], 2, ['--digit', 'invalid choice']),
+    ('bench.py', ['--conditional', '--flops-only'], 2, ['--conditional', 'unconditional model']),
     ('evaluate.py', ['--ckpt', '{best}', '--judge', '--temperature', '0'], 2, ['--temperature', 'positive']),
     ('evaluate.py', ['--ckpt', '{best}', '--breakdown', '--classify'], 2, ['--classify needs a class-conditional']),
     ('train.py', ['--epochs', '-1'], 2, ['--epochs']),
