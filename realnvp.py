@@ -426,8 +426,8 @@ class ClassPrior(nn.Module):
         self.mean = nn.Parameter(torch.zeros(num_classes, *shape))        # (K, C, H, W)
         self.log_scale = nn.Parameter(torch.zeros(num_classes, *shape))   # (K, C, H, W)
 
-    def forward(self, z, sldj, y, reverse=False):
-        mean, log_scale = self.mean[y], self.log_scale[y]   # (B, C, H, W), the label's
+    def forward(self, z, sldj, labels, reverse=False):
+        mean, log_scale = self.mean[labels], self.log_scale[labels]   # (B, C, H, W), each image's label's
         if reverse:
             return z * log_scale.exp() + mean, sldj
         return (z - mean) * torch.exp(-log_scale), sldj - log_scale.flatten(1).sum(-1)
