@@ -60,9 +60,10 @@ def build_parser():
     return p
 
 
-def per_image_bpd(model, images, batch_size=512, dequant_samples=1):
-    """Each uint8 image's bpd (N,), float64 on the CPU."""
-    return bits_per_dim(images, nll_per_image(model, images, batch_size, dequant_samples).double().cpu())
+def per_image_bpd(model, images, batch_size=512, dequant_samples=1, labels=None):
+    """Each uint8 image's bpd (N,), float64 on the CPU; a class-conditional model's given each image's label."""
+    return bits_per_dim(images, nll_per_image(model, images, batch_size, dequant_samples,
+                                              labels=labels).double().cpu())
 
 
 def standard_error(values):
@@ -243,8 +244,7 @@ def main(argv=None):
         bpd, marginal, predicted, accuracy = classify(model, images, labels, args.batch_size)
         extra = dict(accuracy=accuracy, marginal_bpd=marginal.mean().item(), marginal_stderr=standard_error(marginal))
     else:
-        bpd = bits_per_dim(images, nll_per_image(model, images, args.batch_size, args.dequant_samples,
-                                                 labels=labels if conditional else None).double().cpu())
+        bpd = per_image_bpd(model, images, args.batch_size, args.dequant_samples, labels if conditional else None)
     result = dict(bpd=bpd.mean().item(), stderr=standard_error(bpd), worst_bpd=bpd.max().item(), split=args.split,
                   images=len(images), dequant_samples=args.dequant_samples, ckpt=ckpt_path,
                   epoch=ckpt.get('state', {}).get('epoch'), step=ckpt.get('state', {}).get('step'),
