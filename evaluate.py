@@ -21,7 +21,7 @@ import os
 import torch
 
 import plumbing as P
-from realnvp import DataNotFoundError, bits_per_dim, class_nll, frechet_distance, nll_per_image, to_unit
+from realnvp import DataNotFoundError, bits_per_dim, class_nll, frechet_distance, nll_per_image
 
 
 def build_parser():
@@ -114,19 +114,6 @@ def write_per_image(labels, bpd, path):
     P.write_atomically(text.getvalue().encode(), path)
 
 
-@torch.no_grad()
-def features_and_labels(judge, images, batch_size=1024):
-    """The judge's features (N, 128) and labels (N,) of images in [0, 1] (float) or uint8."""
-    device = next(judge.parameters()).device
-    feats, labels = [], []
-    for x in images.split(batch_size):
-        x = (to_unit(x) if x.dtype == torch.uint8 else x).to(device)
-        f = judge.features(x)
-        feats.append(f.double().cpu())
-        labels.append(judge.head(f).argmax(1).cpu())
-    return torch.cat(feats), torch.cat(labels)
-
-
 def judge_samples(args, model, ckpt, device):
     """--judge: the Fréchet distance of --n samples to the test images in the judge's features, its floor
     (training against test images), the histogram of the judge's labels, and for a conditional model the share
@@ -143,10 +130,10 @@ def judge_samples(args, model, ckpt, device):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     samples = torch.cat([model.sample(len(part), args.temperature, generator, None if k == 0 else asked[part])
                          for part in torch.arange(args.n, device=device).split(1024)])
-    test_feats, _ = features_and_labels(judge, test.images)
-    sample_feats, seen = features_and_labels(judge, samples.float())
+    test_feats, _ = P.judge_features(judge, test.images)
+    sample_feats, seen = P.judge_features(judge, samples.float())
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:len(test)]
-    train_feats, _ = features_and_labels(judge, train.images[pick])
+    train_feats, _ = P.judge_features(judge, train.images[pick])
     result = dict(fd=frechet_distance(sample_feats, test_feats), fd_floor=frechet_distance(train_feats, test_feats),
                   judge_test_accuracy=accuracy, temperature=args.temperature, samples=args.n,
                   label_histogram=torch.bincount(seen, minlength=10).tolist())

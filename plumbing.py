@@ -479,11 +479,19 @@ def train_judge(train_set, test_set, device, epochs=JUDGE_EPOCHS, seed=0):
 
 
 @torch.no_grad()
-def judge_accuracy(judge, images, labels, batch_size=1024):
+def judge_features(judge, images, batch_size=1024):
+    """The judge's features (N, 128, float64 on the CPU) and labels (N,) of images in [0, 1] (float) or uint8."""
     device = next(judge.parameters()).device
-    hits = sum((judge(to_unit(x).to(device)).argmax(1).cpu() == y).sum().item()
-               for x, y in zip(images.split(batch_size), labels.split(batch_size)))
-    return hits / max(len(labels), 1)
+    feats, labels = [], []
+    for x in images.split(batch_size):
+        f = judge.features((to_unit(x) if x.dtype == torch.uint8 else x).to(device))
+        feats.append(f.double().cpu())
+        labels.append(judge.head(f).argmax(1).cpu())
+    return torch.cat(feats), torch.cat(labels)
+
+
+def judge_accuracy(judge, images, labels):
+    return (judge_features(judge, images)[1] == labels).double().mean().item() if len(labels) else 0.0
 
 
 def load_judge(train_set, test_set, cache_dir, device, log=print):
