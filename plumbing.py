@@ -84,8 +84,9 @@ def add_model_args(parser):
            'flow stays exact, and one unusual image cannot be carried far out of the range the later couplings '
            f'know; 0: unbounded, as in the lecture (default {default.t_bound:g}; 0 in the lecture\'s model)')
     a('--conditional', action=argparse.BooleanOptionalAction,
-      help='a class-conditional model: a learned Gaussian prior per label (10 classes), so that log p(x | y) is '
-           'exact and sample.py can draw a given digit; the flow is the same (default: off)')
+      help='a class-conditional model (10 classes): a learned bias per label in every s/t network and a learned '
+           'Gaussian prior per label, so that log p(x | y) is exact and sample.py can draw a given digit '
+           '(default: off)')
     parser.set_defaults(**model_flags(default))
 
 

@@ -162,9 +162,12 @@ class ResidualBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """The s/t network: bn -> [x, -x] -> relu -> conv -> residual blocks with 1x1 skips -> bn -> relu -> 1x1 conv."""
+    """The s/t network: bn -> [x, -x] -> relu -> conv -> residual blocks with 1x1 skips -> bn -> relu -> 1x1 conv.
 
-    def __init__(self, in_channels, mid_channels, out_channels, num_blocks, double_after_norm):
+    With `num_classes` > 0 the label is an input too: a learned bias per class (zero at the start) is added to
+    the first convolution's output, so s and t may differ from digit to digit."""
+
+    def __init__(self, in_channels, mid_channels, out_channels, num_blocks, double_after_norm, num_classes=0):
         super().__init__()
         self.double_after_norm = double_after_norm
         self.in_norm = nn.BatchNorm2d(in_channels)
@@ -175,8 +178,10 @@ class ResNet(nn.Module):
                                     for _ in range(num_blocks)])
         self.out_norm = nn.BatchNorm2d(mid_channels)
         self.out_conv = WNConv2d(mid_channels, out_channels, kernel_size=1, padding=0, bias=True)
+        self.class_bias = nn.Parameter(torch.zeros(num_classes, mid_channels)) if num_classes else None  # (K, mid)
 
-    def forward(self, x):
+    def forward(self, x, labels=None):
+        """x (B, C, H, W) -> (B, out, H, W); `labels` (B,) for a class-conditional network."""
         x = self.in_norm(x)
         if self.double_after_norm:
             x = 2.0 * x
@@ -186,6 +191,8 @@ class ResNet(nn.Module):
         x = torch.cat((x, -x), dim=1).contiguous(memory_format=torch.channels_last)  # (B, 2C, H, W)
         x = F.relu(x, inplace=True)
         x = self.in_conv(x)   # (B, mid, H, W), in the dtype autocast chose
+        if self.class_bias is not None:
+            x.add_(self.class_bias[labels].to(x.dtype)[:, :, None, None])   # + (B, mid, 1, 1), each image's label's
         # the blocks' 3x3 and the skips' 1x1 convolutions: their weights computed together, a few launches each
         block_weights = weight_normed([conv for b in self.blocks for conv in (b.in_conv, b.out_conv)], x.dtype)
         skip_weights = weight_normed([self.in_skip, *self.skips], x.dtype)
@@ -207,10 +214,12 @@ class CouplingLayer(nn.Module):
     t does not enter the log-det, so bounding it keeps the flow exact; it keeps one unusual input from being
     carried far out of the range the next couplings were trained on. Checkerboard masks act on the spatial
     grid; channel-wise masks keep one half of the channels (the first if `reverse_mask`) and change the other.
+    With `num_classes` > 0, s and t also see the image's label (a class-conditional coupling): for each label it
+    is still a coupling, with the same triangular Jacobian and log-det.
     """
 
     def __init__(self, in_channels, mid_channels, num_blocks, mask_type, reverse_mask, flow_norm=False,
-                 t_bound=0.0):
+                 t_bound=0.0, num_classes=0):
         super().__init__()
         self.mask_type = MaskType(mask_type)
         self.reverse_mask = reverse_mask
@@ -218,39 +227,40 @@ class CouplingLayer(nn.Module):
         if self.mask_type == MaskType.CHANNEL_WISE:
             in_channels //= 2
         self.st_net = ResNet(in_channels, mid_channels, 2 * in_channels, num_blocks,
-                             double_after_norm=self.mask_type == MaskType.CHECKERBOARD)
+                             double_after_norm=self.mask_type == MaskType.CHECKERBOARD, num_classes=num_classes)
         self.rescale = Rescale(in_channels)
         out_channels = 2 * in_channels if self.mask_type == MaskType.CHANNEL_WISE else in_channels  # all of x
         self.bn_flow = BatchNormFlow(out_channels) if flow_norm else None
 
-    def _scale_translate(self, x_id):
+    def _scale_translate(self, x_id, labels=None):
         # The s/t net may run in bf16 under autocast; the coupling arithmetic stays in x's dtype.
-        s, t = self.st_net(x_id).to(x_id.dtype).chunk(2, dim=1)
+        s, t = self.st_net(x_id, labels).to(x_id.dtype).chunk(2, dim=1)
         if self.t_bound > 0:
             t = self.t_bound * torch.tanh(t / self.t_bound)
         return self.rescale(torch.tanh(s)), t
 
-    def forward(self, x, sldj=None, reverse=False):
-        """The affine coupling, then (with `flow_norm`) the batch normalisation of its output; reversed in reverse."""
+    def forward(self, x, sldj=None, reverse=False, labels=None):
+        """The affine coupling, then (with `flow_norm`) the batch normalisation of its output; reversed in reverse.
+        `labels` (B,): each image's, for a class-conditional coupling."""
         if self.bn_flow is None:
-            return self._couple(x, sldj, reverse)
+            return self._couple(x, sldj, reverse, labels)
         if reverse:
-            return self._couple(self.bn_flow(x, reverse=True)[0], sldj, reverse=True)
-        return self.bn_flow(*self._couple(x, sldj))
+            return self._couple(self.bn_flow(x, reverse=True)[0], sldj, True, labels)
+        return self.bn_flow(*self._couple(x, sldj, False, labels))
 
-    def _couple(self, x, sldj=None, reverse=False):
+    def _couple(self, x, sldj=None, reverse=False, labels=None):
         if self.mask_type == MaskType.CHECKERBOARD:
             B, C, H, W = x.shape
             b = checkerboard_mask(H, W, self.reverse_mask, dtype=x.dtype, device=x.device)
-            s, t = self._scale_translate(x * b)
+            s, t = self._scale_translate(x * b, labels)
             s, t = s * (1 - b), t * (1 - b)
             x_change, x_id = x, None
         elif self.reverse_mask:
             x_id, x_change = x.chunk(2, dim=1)                          # 2 x (B, C/2, H, W)
-            s, t = self._scale_translate(x_id)
+            s, t = self._scale_translate(x_id, labels)
         else:
             x_change, x_id = x.chunk(2, dim=1)
-            s, t = self._scale_translate(x_id)
+            s, t = self._scale_translate(x_id, labels)
 
         if reverse:
             x_change = x_change * torch.exp(-s) - t
@@ -334,7 +344,7 @@ class RealNVPConfig:
     data_constraint: float = 0.9
     flow_norm: bool = True    # batch normalisation after each coupling (paper Section 3.7); the lecture has none
     t_bound: float = 10.0     # couplings' translations bounded to (-t_bound, t_bound) by a tanh; 0: unbounded
-    num_classes: int = 0      # > 0: a class-conditional prior (ClassPrior) over that many labels; 0: N(0, I)
+    num_classes: int = 0      # > 0: class-conditional, a ClassPrior and the label in every s/t net; 0: N(0, I)
 
     @classmethod
     def lecture(cls, **settings):
@@ -369,7 +379,7 @@ class Scale(nn.Module):
     couplings. (The lecture calls this class `_RealNVP`.)"""
 
     def __init__(self, scale_idx, num_scales, in_channels, mid_channels, num_blocks, **coupling):
-        """`coupling`: the settings every coupling layer gets (flow_norm, t_bound)."""
+        """`coupling`: the settings every coupling layer gets (flow_norm, t_bound, num_classes)."""
         super().__init__()
         self.is_last = scale_idx == num_scales - 1
         n_checker = 4 if self.is_last else 3
@@ -385,41 +395,42 @@ class Scale(nn.Module):
             self.next_scale = Scale(scale_idx + 1, num_scales, 2 * in_channels, 2 * mid_channels, num_blocks,
                                     **coupling)
 
-    def forward(self, x, sldj, reverse=False):
+    def forward(self, x, sldj, reverse=False, labels=None):
+        """`labels` (B,): each image's, for a class-conditional model's couplings."""
         if reverse:
             if not self.is_last:
-                x, sldj = self._factor_out(x, sldj, reverse=True)
-                x, sldj = self._channel_couplings(x, sldj, reverse=True)
+                x, sldj = self._factor_out(x, sldj, True, labels)
+                x, sldj = self._channel_couplings(x, sldj, True, labels)
             for coupling in reversed(self.in_couplings):
-                x, sldj = coupling(x, sldj, reverse=True)
+                x, sldj = coupling(x, sldj, True, labels)
         else:
             for coupling in self.in_couplings:
-                x, sldj = coupling(x, sldj)
+                x, sldj = coupling(x, sldj, False, labels)
             if not self.is_last:
-                x, sldj = self._channel_couplings(x, sldj)
-                x, sldj = self._factor_out(x, sldj)
+                x, sldj = self._channel_couplings(x, sldj, False, labels)
+                x, sldj = self._factor_out(x, sldj, False, labels)
         return x, sldj
 
-    def _channel_couplings(self, x, sldj, reverse=False):
+    def _channel_couplings(self, x, sldj, reverse=False, labels=None):
         x = squeeze_2x2(x)                                              # (B, 4C, H/2, W/2)
         for coupling in (reversed(self.out_couplings) if reverse else self.out_couplings):
-            x, sldj = coupling(x, sldj, reverse)
+            x, sldj = coupling(x, sldj, reverse, labels)
         return squeeze_2x2(x, reverse=True), sldj                       # (B, C, H, W)
 
-    def _factor_out(self, x, sldj, reverse=False):
+    def _factor_out(self, x, sldj, reverse=False, labels=None):
         x = squeeze_2x2(x, alt_order=True)                              # (B, 4C, H/2, W/2)
         x, x_split = x.chunk(2, dim=1)                                  # go on with 2C channels, keep 2C as they are
-        x, sldj = self.next_scale(x, sldj, reverse)
+        x, sldj = self.next_scale(x, sldj, reverse, labels)
         return squeeze_2x2(torch.cat((x, x_split), dim=1), reverse=True, alt_order=True), sldj  # (B, C, H, W)
 
 
 class ClassPrior(nn.Module):
     """A class-conditional prior, z | y ~ N(mean_y, diag(exp(log_scale_y))^2), for every latent dimension (the
     factored-out ones and the last), written as one more invertible layer: eps = (z - mean_y) exp(-log_scale_y),
-    with log-det -sum(log_scale_y), and eps ~ N(0, I) as before. So log p(x | y) = log N(eps) + sldj exactly, the
-    flow and its log-det are unchanged, and the loss is RealNVPLoss as it is. (Glow's `--ycond` prior is of this
-    kind.) Its parameters depend on the label alone, never on x: each class's density stays normalised. Both
-    start at zero, so the first step is the unconditional model's."""
+    with log-det -sum(log_scale_y), and eps ~ N(0, I) as before. So log p(x | y) = log N(eps) + sldj exactly,
+    and the loss is RealNVPLoss as it is. (Glow's `--ycond` prior is of this kind.) Its parameters depend on the
+    label alone, never on x: each class's density stays normalised. Both start at zero, so that with the
+    couplings' class biases, also zero, the first step is the unconditional model's."""
 
     def __init__(self, num_classes, shape):
         super().__init__()
@@ -449,7 +460,7 @@ class RealNVP(nn.Module):
         self.config = RealNVPConfig(**kwargs) if config is None else config
         c = self.config
         self.flows = Scale(0, c.num_scales, c.in_channels, c.mid_channels, c.num_blocks,
-                           flow_norm=c.flow_norm, t_bound=c.t_bound)
+                           flow_norm=c.flow_norm, t_bound=c.t_bound, num_classes=c.num_classes)
         self.prior = ClassPrior(c.num_classes, self.shape) if c.num_classes else None
         self.to(memory_format=torch.channels_last)  # convolution weights in NHWC, like their inputs
 
@@ -471,12 +482,12 @@ class RealNVP(nn.Module):
         if reverse:
             if self.prior is not None:
                 x = self.prior(x, None, labels, reverse=True)[0]
-            return self.flows(x, None, reverse=True)
+            return self.flows(x, None, reverse=True, labels=labels)
         if validate:
             lo, hi = x.min().item(), x.max().item()
             if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
                 raise ValueError(f'expected pixels in [0, 1], got min {lo:.4g} and max {hi:.4g}')
-        z, sldj = self.flows(*self.preprocess(x, noise))
+        z, sldj = self.flows(*self.preprocess(x, noise), labels=labels)
         return (z, sldj) if self.prior is None else self.prior(z, sldj, labels)
 
     def preprocess(self, x, noise=None):
@@ -610,20 +621,19 @@ def nll_per_image(model, images, batch_size=512, dequant_samples=1, terms=False,
 
 @torch.no_grad()
 def class_nll(model, images, batch_size=512):
-    """-log p(x | y) in nats of each uint8 image for every class y of a class-conditional model: (N, K), from
-    one pass of the flow and one dequantisation draw per image (the flow does not depend on y; only the prior
-    does), in eval mode. The Bayes classifier is its argmin (with a uniform p(y)); the marginal NLL is
-    -logsumexp_y(-nll_y + log p(y))."""
-    param, prior = next(model.parameters()), model.prior
+    """-log p(x | y) in nats of each uint8 image for every class y of a class-conditional model: (N, K), in eval
+    mode, from one dequantisation draw per image shared by the K classes and one pass of the model per class
+    (the couplings see the label). The Bayes classifier is its argmin (with a uniform p(y)); the marginal NLL
+    is -logsumexp_y(-nll_y + log p(y))."""
+    param, loss_fn = next(model.parameters()), RealNVPLoss(reduction='none')
     parts = []
     with in_mode(model, False):
         for batch in images.split(batch_size):
             x = to_unit(batch.to(param.device)).to(param.dtype)             # (b, C, H, W)
-            z, sldj = model.flows(*model.preprocess(x))                     # (b, C, H, W), (b,)
-            eps = (z.unsqueeze(1) - prior.mean) * torch.exp(-prior.log_scale)   # (b, K, C, H, W)
-            nll = gaussian_nll(eps.flatten(0, 1)).view(len(x), -1)         # (b, K)
-            D = x[0].numel()
-            parts.append(nll + prior.log_scale.flatten(1).sum(-1) - sldj.unsqueeze(1) + D * math.log(256))
+            u = torch.rand_like(x)                                          # the same draw for every class
+            labels = [torch.full((len(x),), y, device=x.device) for y in range(model.config.num_classes)]
+            parts.append(torch.stack([loss_fn(*model(x, noise=u, validate=False, labels=y)) for y in labels],
+                                     dim=1))                                # (b, K)
     return torch.cat(parts)
 
 
@@ -685,8 +695,9 @@ def batch_norms(model):
 @torch.no_grad()
 def refresh_batch_norm(model, batches):
     """Recompute every batch-norm running statistic of `model` for its current weights: the plain average
-    of the batch statistics over `batches` ((x in [0, 1], noise u) pairs), in train mode without gradients.
-    Eval mode then uses statistics of these weights, not an exponential average over weights long gone.
+    of the batch statistics over `batches` ((x in [0, 1], noise u, labels or None) triples), in train mode
+    without gradients. Eval mode then uses statistics of these weights, not an exponential average over weights
+    long gone.
 
     Not `torch.optim.swa_utils.update_bn`: it calls `model(input)` without the dequantisation noise, which must
     come from the caller's generator (so that the training random numbers are not touched), and it knows only
@@ -697,10 +708,10 @@ def refresh_batch_norm(model, batches):
         m.reset_running_stats()
     try:
         with in_mode(model, True):
-            for k, (x, noise) in enumerate(batches, start=1):
+            for k, (x, noise, labels) in enumerate(batches, start=1):
                 for m in norms:   # the k-th batch's share of a plain average: what momentum=None gives, without
                     m.momentum = 1.0 / k   # nn.BatchNorm2d reading its batch count back from the device
-                model.flows(*model.preprocess(x, noise))   # the flow's statistics: a class prior has none
+                model.flows(*model.preprocess(x, noise), labels=labels)   # a class prior has no statistics
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum

@@ -39,19 +39,33 @@ def build_parser():
 
 
 @torch.no_grad()
-def interpolate(model, x_a, x_b, steps):
+def interpolate(model, x_a, x_b, steps, labels=None):
     """Decode (1 - a) z_a + a z_b for a in [0, 1] (B pairs -> (B * steps) images, row-major).
 
     Images are encoded with the dequantisation noise at the middle of each 8-bit bin (u = 1/2)
-    and every factored-out latent is kept, so the ends decode back to the inputs exactly."""
+    and every factored-out latent is kept, so the ends decode back to the inputs exactly. A class-conditional
+    model takes each pair's one label (B,), which encodes both images and decodes the whole row."""
     model.eval()
     half = torch.full_like(x_a, 0.5)
-    z_a, _ = model.flows(*model.preprocess(x_a, half))   # the flow's latent (a class prior comes after it)
-    z_b, _ = model.flows(*model.preprocess(x_b, half))
+    z_a, _ = model.flows(*model.preprocess(x_a, half), labels=labels)   # the flow's latent (before a class prior)
+    z_b, _ = model.flows(*model.preprocess(x_b, half), labels=labels)
     alphas = torch.linspace(0, 1, steps, dtype=z_a.dtype, device=z_a.device).view(1, steps, 1, 1, 1)
     z = (1 - alphas) * z_a.unsqueeze(1) + alphas * z_b.unsqueeze(1)   # (B, steps, C, H, W)
-    return to_8bit(torch.cat([model.postprocess(model.flows(part, None, reverse=True)[0])
-                              for part in z.flatten(0, 1).split(256)]))
+    parts = z.flatten(0, 1).split(256)
+    rows = [None] * len(parts) if labels is None else labels.repeat_interleave(steps).split(256)
+    return to_8bit(torch.cat([model.postprocess(model.flows(part, None, reverse=True, labels=y)[0])
+                              for part, y in zip(parts, rows)]))
+
+
+def pick_pairs(data, pairs, conditional):
+    """Indices (a, b) of `pairs` random pairs of test images; for a class-conditional model, each b of a's digit
+    (None where the split has no second image of it)."""
+    order = torch.randperm(len(data))
+    if not conditional:
+        return order[:pairs], order[pairs:2 * pairs]
+    a = order[:pairs]
+    partners = [order[(data.labels[order] == data.labels[i]) & (order != i)][:1] for i in a.tolist()]
+    return a, (torch.cat(partners) if all(len(p) for p in partners) else None)
 
 
 def to_8bit(v):
@@ -117,9 +131,13 @@ def main(argv=None):
             P.die('sample.py', e)
         if len(data) < 2 * args.pairs:
             P.die('sample.py', f'--pairs {args.pairs} needs {2 * args.pairs} test images, the split has {len(data)}', 2)
-        pick = torch.randperm(len(data))[:2 * args.pairs]
-        x = to_unit(data.images[pick].to(device))
-        images = interpolate(model, x[:args.pairs], x[args.pairs:], args.steps)
+        a, b = pick_pairs(data, args.pairs, bool(classes))
+        if b is None:
+            P.die('sample.py', 'a class-conditional model interpolates between two images of one digit, and the '
+                               'split has a digit only once', 2)
+        labels = data.labels[a].to(device) if classes else None
+        images = interpolate(model, to_unit(data.images[a].to(device)), to_unit(data.images[b].to(device)),
+                             args.steps, labels)
         nrow = args.steps
     else:
         generator = torch.Generator(device=device).manual_seed(args.seed)

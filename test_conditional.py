@@ -113,3 +113,20 @@ def test_a_cached_judge_of_other_data_is_refused_and_left_alone(tmp_path):
     assert any('trained on other data: not used' in line for line in logs)
     assert open(os.path.join(cache, f'judge-{other}.pt'), 'rb').read() == before
     assert 0.0 <= accuracy <= 1.0
+
+
+def test_a_conditional_interpolation_pairs_images_of_one_digit_and_its_ends_are_the_images(conditional_run, data_dir):
+    """The couplings see the label, so a row is one digit: each pair's images share it, both are encoded and the
+    row decoded with it, and the ends decode back to the images exactly."""
+    import sample
+    from realnvp import to_unit
+    model, _ = plumbing.load_checkpoint(os.path.join(conditional_run, 'best.pt'))
+    data = ImageDataset('mnist', data_dir, train=False, img_size=8, download=False)
+    torch.manual_seed(0)
+    a, b = sample.pick_pairs(data, 3, conditional=True)
+    assert torch.equal(data.labels[a], data.labels[b]) and not (a == b).any()
+    x_a, x_b = to_unit(data.images[a]), to_unit(data.images[b])
+    out = sample.interpolate(model, x_a, x_b, 4, data.labels[a]).reshape(3, 4, 1, 8, 8)
+    assert torch.equal(out[:, 0], x_a) and torch.equal(out[:, -1], x_b)
+    other = sample.interpolate(model, x_a, x_b, 4, (data.labels[a] + 1) % 10).reshape(3, 4, 1, 8, 8)
+    assert not torch.equal(out[:, 1:-1], other[:, 1:-1])   # the label is an input of the row's decoding

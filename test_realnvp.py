@@ -1,6 +1,7 @@
 """The model's mathematics, in realnvp.py's order: squeeze and masks, couplings, the multi-scale model, the loss
 and what optimisation needs, each checked in float64 against brute force (full Jacobians, direct formulas) where
 there is one. The data loaders, the scripts, the benchmark and answers.md have test files of their own."""
+import itertools
 import math
 import os
 from dataclasses import asdict
@@ -378,7 +379,7 @@ def test_a_resnet_computes_its_weights_together_as_each_layer_alone_would(monkey
     them, no weight is copied to another layout, forward or backward."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    class WeightCopies(TorchDispatchMode):   # copies of a 3x3 weight: the layout round trip
+    class WeightCopies(TorchDispatchMode):   # copies of a 3x3 weight: the layout conversion there and back
         copies = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -557,21 +558,22 @@ def test_every_residual_block_runs_channels_last_forward_and_backward(channels, 
     assert all(is_nhwc for _, is_nhwc in seen), seen
 
 
-def test_a_refresh_over_several_batches_is_their_plain_average_as_momentum_none_makes_it():
+@pytest.mark.parametrize('classes', [0, 3])
+def test_a_refresh_over_several_batches_is_their_plain_average_as_momentum_none_makes_it(classes):
     """refresh_batch_norm sets momentum 1/k for the k-th batch: the same statistics, to the bit, as torch's own
     cumulative average (momentum=None), which reads the batch count back from the device at every layer; the
-    flow's batch norms (flow_norm) as well."""
+    flow's batch norms (flow_norm) as well; a class-conditional model's s/t nets see each batch's labels."""
     import copy
-    model = tiny_model(1, 8, 2, flow_norm=True)
-    batches = [(torch.rand(16, 1, 8, 8, dtype=torch.float64), torch.rand(16, 1, 8, 8, dtype=torch.float64))
-               for _ in range(3)]
+    model = tiny_model(1, 8, 2, flow_norm=True, num_classes=classes)
+    batches = [(torch.rand(16, 1, 8, 8, dtype=torch.float64), torch.rand(16, 1, 8, 8, dtype=torch.float64),
+                torch.randint(0, classes, (16,)) if classes else None) for _ in range(3)]
     reference = copy.deepcopy(model).train()
     for m in realnvp.batch_norms(reference):
         m.reset_running_stats()
         m.momentum = None
     with torch.no_grad():
-        for x, u in batches:
-            reference(x, noise=u)
+        for x, u, labels in batches:
+            reference(x, noise=u, labels=labels)
     realnvp.refresh_batch_norm(model, batches)
     ours, theirs = list(model.buffers()), list(reference.buffers())
     assert len(ours) == len(theirs) > 10 and all(torch.equal(a, b) for a, b in zip(ours, theirs))
@@ -602,7 +604,7 @@ def test_refreshed_batch_norm_makes_eval_mode_match_train_mode(flow_norm):
         model.eval()
         stale_nll = loss_fn(*model(x, noise=u))
         momenta = [m.momentum for m in realnvp.batch_norms(model)]
-        realnvp.refresh_batch_norm(model, [(x, u)])
+        realnvp.refresh_batch_norm(model, [(x, u, None)])
         assert not model.training and [m.momentum for m in realnvp.batch_norms(model)] == momenta
         eval_nll = loss_fn(*model(x, noise=u))
         for m in realnvp.batch_norms(model):
@@ -613,11 +615,11 @@ def test_refreshed_batch_norm_makes_eval_mode_match_train_mode(flow_norm):
     # the stale statistics are far off (less so with the flow's own normalisation, which keeps z near unit scale)
     assert ((stale_nll - train_nll) / train_nll).abs().max() > (0.05 if flow_norm else 0.5)
     # several batches: the plain average of their statistics
-    halves = [(x[:128], u[:128]), (x[128:], u[128:])]
+    halves = [(x[:128], u[:128], None), (x[128:], u[128:], None)]
     realnvp.refresh_batch_norm(model, halves)
     first = realnvp.batch_norms(model)[0]    # the first coupling's s/t net sees the masked logits y * b
     b = checkerboard_mask(8, 8, dtype=torch.float64)
-    means = [(model.preprocess(xx, uu)[0] * b).mean() for xx, uu in halves]
+    means = [(model.preprocess(xx, uu)[0] * b).mean() for xx, uu, _ in halves]
     assert torch.allclose(first.running_mean, torch.stack(means).mean().reshape(1), rtol=0, atol=1e-12)
 
 
@@ -644,7 +646,7 @@ def test_the_class_prior_gives_log_p_x_given_y_as_a_gaussian_of_the_flow_latent_
     labels = torch.tensor([0, 1, 2, 2, 1, 0])
     eps, sldj = model(x, noise=u, labels=labels)
     nll = RealNVPLoss(reduction='none')(eps, sldj)
-    z, flow_sldj = model.flows(*model.preprocess(x, u))
+    z, flow_sldj = model.flows(*model.preprocess(x, u), labels=labels)
     prior = torch.distributions.Normal(model.prior.mean[labels], model.prior.log_scale[labels].exp())
     expected = -(prior.log_prob(z).flatten(1).sum(-1) + flow_sldj) + 16 * math.log(256)
     assert (nll - expected).abs().max() < 1e-9
@@ -652,6 +654,25 @@ def test_the_class_prior_gives_log_p_x_given_y_as_a_gaussian_of_the_flow_latent_
     assert (y - model.preprocess(x, u)[0]).abs().max() < 1e-8
     with pytest.raises(ValueError, match='needs labels'):
         model(x)
+
+
+@pytest.mark.parametrize('flow_norm', [False, True])
+def test_a_conditional_model_s_logdet_matches_brute_force_for_each_label_and_the_label_reaches_the_couplings(
+        flow_norm):
+    """For a fixed label the couplings are still couplings: log|dz/du| by brute force in float64 equals the sldj,
+    and reverse inverts; and a different label gives the flow (not only the prior) a different latent."""
+    model = tiny_model(1, 4, 2, num_classes=3, flow_norm=flow_norm)
+    x = torch.randint(0, 256, (1, 1, 4, 4)).double() / 255
+    u = torch.rand_like(x)
+    latents = []
+    for y in range(3):
+        labels = torch.tensor([y])
+        z, sldj = model(x, noise=u, labels=labels)
+        brute = logdet(lambda noise: model(x, noise=noise, labels=labels)[0], u)
+        assert abs(sldj.item() - 16 * math.log(256) - brute.item()) < 1e-10 * max(1.0, abs(brute.item()))
+        assert (model(z, reverse=True, labels=labels)[0] - model.preprocess(x, u)[0]).abs().max() < 1e-10
+        latents.append(model.flows(*model.preprocess(x, u), labels=labels)[0])
+    assert min((a - b).abs().max() for a, b in itertools.combinations(latents, 2)) > 1e-3
 
 
 def test_a_class_prior_at_zero_is_the_unconditional_model():

@@ -353,14 +353,14 @@ class Trainer:
         return averaged
 
     def refresh_batches(self):
-        """--bn-refresh batches of training images with their dequantisation noise, drawn from a generator
-        seeded by the seed and the step: the same on every rank and after a resume, and the training
-        random numbers are not touched."""
-        g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.step)
+        """--bn-refresh batches of training images with their dequantisation noise (and labels, or None), drawn
+        from a generator seeded by the seed and the step: the same on every rank and after a resume, and the
+        training random numbers are not touched."""
+        g, labels = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.step), self.data.train_labels
         n = min(len(self.data.train), self.args.bn_refresh * self.args.batch_size)
         for idx in torch.randperm(len(self.data.train), generator=g)[:n].split(self.args.batch_size):
             x = to_unit(self.data.train[idx.to(self.dist.device)])
-            yield x, torch.rand(x.shape, generator=g).to(self.dist.device)
+            yield x, torch.rand(x.shape, generator=g).to(self.dist.device), None if labels is None else labels[idx]
 
     def test_bpd(self, averaged):
         """Test bpd of the averaged model over the whole test split (each process evaluates its share), under
