@@ -1,24 +1,29 @@
 """Measure RealNVP's speed and size: training, sampling and evaluation throughput, peak memory, FLOPs per image
 (torch.utils.flop_counter), and the FLOP/s achieved against a ceiling measured in the same run on the step's own
 kind of work (the best of a large matmul and each of the model's convolution shapes, per dtype), with the
-share of step time spent outside convolutions (torch.profiler).
+share of step time spent outside convolutions (torch.profiler); and, with --time-to-bpd, how fast the lecture's
+code and the two recipes reach a test bpd.
 
     python bench.py --num-threads 2                  # the default config (MNIST 14x14, batch 128) on the CPU
     python bench.py --device cuda --amp --compile    # the fast GPU path
-    python bench.py --flops-only --image-size 28     # parameters and FLOPs only (used by answers.md)
+    python bench.py --flops-only --image-size 28     # parameters, FLOPs, saved activations (used by answers.md)
+    python bench.py --time-to-bpd DIR --data-dir ../shared/data --lecture NOTEBOOK --amp --num-threads 2
+                                                     # test bpd against training time: the lecture's code, both recipes
     bash gpu_check.sh DATA_DIR                       # the whole GPU check (bench.py --summarize prints it)
 
 Run one benchmark at a time: two heavy jobs on the same cores slow each other down.
 """
 import argparse
 import json
+import math
 import os
 import re
 import resource
 import statistics
+import sys
 import time
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stdout
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -27,8 +32,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import plumbing as P
-from realnvp import (RealNVP, RealNVPLoss, SkipGuard, WeightAverage, WNConv2d, make_optimizer, nll_per_image,
-                     refresh_batch_norm, to_unit, train_step)
+from realnvp import (DataNotFoundError, ImageDataset, RealNVP, RealNVPLoss, SkipGuard, WeightAverage, WNConv2d,
+                     make_optimizer, nll_per_image, refresh_batch_norm, to_unit, train_step)
 
 
 def build_parser():
@@ -44,16 +49,29 @@ def build_parser():
     a('--num-threads', type=P.positive_int, default=None, help='CPU threads (set it: the default varies by machine)')
     a('--amp', action='store_true', help='bf16 autocast for the s/t nets, as train.py --amp')
     a('--compile', action='store_true', help='torch.compile the model, as train.py --compile')
-    a('--flops-only', action='store_true', help='print parameters and FLOPs per image, time nothing')
+    a('--flops-only', action='store_true',
+      help='print parameters, FLOPs per image and the memory a step keeps for its backward pass; time nothing')
     a('--profile', action='store_true', help='also print the training step\'s top operators (torch.profiler)')
     a('--lecture', default=None, metavar='NOTEBOOK',
       help='also time the lecture notebook\'s own code (its text file, e.g. ../shared/seed/000_*.txt) on the same '
            'config, device and data, for comparison')
     a('--json', action='store_true', help='print one JSON object instead of a table')
+    a('--time-to-bpd', default=None, metavar='DIR',
+      help='time nothing else: train the lecture\'s code (--lecture), train.py --recipe lecture and train.py\'s '
+           'default on MNIST (--data-dir), evaluating test bpd at --curve-steps with the clock stopped; write '
+           'DIR/time_to_bpd.csv, .json and .png (test bpd against training time)')
+    a('--data-dir', default='./data', help='with --time-to-bpd: the folder holding MNIST/raw/ (default ./data)')
+    a('--curve-steps', type=P.positive_int, nargs='+', default=[25, 50, 100, 150, 200, 250, 300], metavar='N',
+      help='with --time-to-bpd: the steps at which each training is evaluated (default 25 50 100 150 200 250 300)')
     a('--summarize', default=None, metavar='DIR',
       help='time nothing: read the stages gpu_check.sh wrote to DIR, write DIR/summary.json and print it; '
            'exit 1 when a stage failed')
     return p
+
+
+def example_labels(config, n, device=None):
+    """Labels for n images of a class-conditional model (every class in turn); None for an unconditional one."""
+    return torch.arange(n, device=device) % config.num_classes if config.num_classes else None
 
 
 def count_flops(config, batch_size=1):
@@ -62,13 +80,13 @@ def count_flops(config, batch_size=1):
     Counts convolutions and matmuls (torch.utils.flop_counter); element-wise ops and batch norm are not counted."""
     model = RealNVP(config)
     x = torch.rand(batch_size, config.in_channels, config.img_size, config.img_size)
-    loss_fn = RealNVPLoss()
+    loss_fn, labels = RealNVPLoss(), example_labels(config, batch_size)
     with FlopCounterMode(display=False) as counter:
         with torch.no_grad():
-            loss_fn(*model(x))
+            loss_fn(*model(x, labels=labels))
     forward = counter.get_total_flops() / batch_size
     with FlopCounterMode(display=False) as counter:
-        loss_fn(*model(x)).backward()
+        loss_fn(*model(x, labels=labels)).backward()
     step = counter.get_total_flops() / batch_size
     return sum(p.numel() for p in model.parameters()), forward, step
 
@@ -135,9 +153,32 @@ def matmul_flops_per_s(device, dtype, n=2048, repeats=5):
     return 2 * n ** 3 / timed(lambda: a @ b, device, repeats)
 
 
+def saved_for_backward(config, batch_sizes=(4, 8)):
+    """(MiB an image, MiB whatever the batch) of the tensors a training forward pass keeps for the backward pass
+    (fp32; counted by storage with torch.autograd.graph.saved_tensors_hooks, each storage once), from two batch
+    sizes: what grows with the batch (the activations) and what does not (the weights, the weight-normed ones)."""
+    model = RealNVP(config).train()
+    totals = []
+    for n in batch_sizes:
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        x = torch.rand(n, config.in_channels, config.img_size, config.img_size)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            RealNVPLoss()(*model(x, labels=example_labels(config, n)))
+        totals.append(sum(storages.values()) / 2 ** 20)
+    (n0, n1), (s0, s1) = batch_sizes, totals
+    per_image = (s1 - s0) / (n1 - n0)
+    return per_image, s0 - n0 * per_image
+
+
 def measure_flops(config):
     params, forward, step = count_flops(config)
-    return dict(parameters=params, gflop_forward_per_image=forward / 1e9, gflop_train_step_per_image=step / 1e9)
+    per_image, fixed = saved_for_backward(config)
+    return dict(parameters=params, gflop_forward_per_image=forward / 1e9, gflop_train_step_per_image=step / 1e9,
+                saved_for_backward_mib_per_image=per_image, saved_for_backward_mib_fixed=fixed)
 
 
 def training_step(args, config, device):
@@ -148,10 +189,10 @@ def training_step(args, config, device):
     net = P.compile_model(model, device) if args.compile else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
     images = torch.randint(0, 256, (args.batch_size, *model.shape), dtype=torch.uint8, device=device)
-    loss_fn = RealNVPLoss()
+    loss_fn, labels = RealNVPLoss(), example_labels(config, args.batch_size, device)
 
     def step():
-        train_step(net, guard, loss_fn, to_unit(images), autocast)
+        train_step(net, guard, loss_fn, to_unit(images), autocast, labels)
     return model, autocast, images, step
 
 
@@ -188,12 +229,12 @@ def measure_training(args, config, device):
         shares['launches_per_step'] = count_launches(step)   # the operator calls; what CUDA would launch
     average = WeightAverage(model, 0.999)
     ema_s = timed(lambda: average.update(model, 1000), device, args.steps)
-    noise = torch.rand(images.shape, device=device)
+    noise, labels = torch.rand(images.shape, device=device), example_labels(config, len(images), device)
     with autocast:   # as train.py refreshes and evaluates
-        refresh_s = timed(lambda: refresh_batch_norm(average.model, [(to_unit(images), noise)]), device,
+        refresh_s = timed(lambda: refresh_batch_norm(average.model, [(to_unit(images), noise, labels)]), device,
                           max(2, args.steps // 2))
-        sample_s = timed(lambda: model.sample(args.batch_size), device, max(2, args.steps // 2))
-        eval_s = timed(lambda: nll_per_image(model, images, batch_size=args.batch_size), device,
+        sample_s = timed(lambda: model.sample(args.batch_size, labels=labels), device, max(2, args.steps // 2))
+        eval_s = timed(lambda: nll_per_image(model, images, batch_size=args.batch_size, labels=labels), device,
                        max(2, args.steps // 2))
     if device.type == 'cuda':
         peak_mb, kind = torch.cuda.max_memory_allocated(device) / 2 ** 20, 'cuda allocated'
@@ -215,7 +256,8 @@ def conv_shapes(config, batch_size):
         [(tuple(args[0].shape), tuple(mod.weight_v.shape), (mod.padding, mod.padding))]))
         for m in model.modules() if isinstance(m, WNConv2d)]
     with torch.no_grad():
-        model(torch.rand(batch_size, config.in_channels, config.img_size, config.img_size))
+        model(torch.rand(batch_size, config.in_channels, config.img_size, config.img_size),
+              labels=example_labels(config, batch_size))
     for h in hooks:
         h.remove()
     return shapes
@@ -373,16 +415,31 @@ def measure_overhead(args, config, device):
     steps = {'overhead_step_ms': lambda: (train(), average.update(model, 1000))}
     if args.lecture:
         steps['lecture_overhead_step_ms'] = lecture_train_step(args.lecture, narrow, 8, device)
-    times = {key: [] for key in steps}
-    for turn in range(args.warmup + max(args.steps, 10)):
-        for key, step in steps.items():
-            seconds = timed(step, device, 1)
-            if turn >= args.warmup:
-                times[key].append(seconds)
-    result = {key: 1e3 * statistics.median(t) for key, t in times.items()}
+    result = {key: 1e3 * seconds for key, seconds in in_turns(steps, device, args.warmup, max(args.steps, 10)).items()}
     if args.lecture:
         result['overhead_over_lecture'] = result['overhead_step_ms'] / result['lecture_overhead_step_ms']
     return result
+
+
+def in_turns(steps, device, warmup, turns):
+    """{name: median seconds} of the step functions `steps` ({name: step}), timed one step each in turn, so
+    that all see the same machine (its clock, its other load)."""
+    times = {key: [] for key in steps}
+    for turn in range(warmup + turns):
+        for key, step in steps.items():
+            seconds = timed(step, device, 1)
+            if turn >= warmup:
+                times[key].append(seconds)
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+def measure_conditioning(args, config, device):
+    """What the class conditioning costs (--conditional): the conditional training step against the same model
+    without labels, in turns."""
+    steps = {'conditional': training_step(args, config, device)[3],
+             'unconditional': training_step(args, replace(config, num_classes=0), device)[3]}
+    seconds = in_turns(steps, device, args.warmup, args.steps)
+    return dict(conditional_step_over_unconditional=seconds['conditional'] / seconds['unconditional'])
 
 
 def measure_lecture(args, config, device, train):
@@ -409,6 +466,8 @@ def benchmark(args):
     if not args.compile:   # each would compile other models: a compiled run compiles one
         result.update(measure_additions(args, config, device, result['train_step_s']))
         result.update(measure_overhead(args, config, device))
+    if config.num_classes:
+        result.update(measure_conditioning(args, config, device))
     result['achieved_gflop_per_s'] = result['gflop_train_step_per_image'] * result['train_images_per_s']
     result.update(measure_ceiling(args, config, device, result))
     if args.lecture:
@@ -434,6 +493,8 @@ TABLE = [
     ('sample_images_per_s', 'sampling images/s', '{:.1f}'),
     ('eval_images_per_s', 'evaluation images/s', '{:.1f}'),
     ('peak_memory_mb', 'peak memory, MiB', '{:.0f}'),
+    ('saved_for_backward_mib_per_image', 'kept for the backward pass, MiB an image (fp32)', '{:.1f}'),
+    ('saved_for_backward_mib_fixed', 'kept for the backward pass, MiB besides (weights)', '{:.0f}'),
     ('peak_memory_kind', 'measured as', '{}'),
     ('achieved_gflop_per_s', 'achieved GFLOP/s in training', '{:.1f}'),
     ('matmul_fp32_gflop_per_s', 'fp32 matmul GFLOP/s (2048^2, same run)', '{:.1f}'),
@@ -448,6 +509,7 @@ TABLE = [
     ('overhead_step_ms', 'step at 4 mid channels, batch 8 (the overhead), ms', '{:.1f}'),
     ('lecture_overhead_step_ms', 'lecture code: the same, ms', '{:.1f}'),
     ('overhead_over_lecture', 'overhead / the lecture code\'s', '{:.2f}x'),
+    ('conditional_step_over_unconditional', 'conditional step / the same without labels', '{:.3f}x'),
     ('lecture_train_images_per_s', 'lecture code: training images/s', '{:.1f}'),
     ('speedup_over_lecture', 'speed-up over the lecture code', '{:.2f}x'),
     ('conv_bound_over_lecture', 'the bound / the lecture code', '{:.2f}x'),
@@ -543,12 +605,146 @@ def print_summary(summary):
           f'at step {summary["evaluated_step"]}')
 
 
+# -----------------------------------------------------------------------------
+# Time to bpd: test bpd against training time for the lecture's code and both recipes
+
+CURVE_TEST_IMAGES = 2000   # test images at every point but the last, which takes the whole split
+
+
+def curve_bpd(nll_fn, images, last):
+    """Test bpd from `nll_fn` (uint8 batch -> NLL in nats per image) on the first CURVE_TEST_IMAGES test images,
+    or all of them at the `last` point."""
+    images = images if last else images[:CURVE_TEST_IMAGES]
+    nll = torch.cat([nll_fn(batch) for batch in images.split(500)])
+    return nll.double().mean().item() / (images[0].numel() * math.log(2))
+
+
+def lecture_curve(notebook, config, train_images, test_images, batch_size, curve_steps, device):
+    """[(step, training seconds, test bpd)] of the lecture's own code: its model, loss and clipping, Adam at 1e-3,
+    on batches of a seeded permutation of the training images; evaluated in eval mode with the clock stopped."""
+    lecture = lecture_code(notebook)
+    torch.manual_seed(0)
+    model = lecture_model(lecture, config, device)
+    loss_fn, clip = lecture['RealNVPLoss'](), lecture['clip_grad_norm']
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))
+    order = order.repeat(math.ceil(curve_steps[-1] * batch_size / len(order)))
+
+    def nll(batch):   # the lecture's loss is a batch mean: one image at a time would be slow, so a batch's mean
+        return loss_fn(*model(to_unit(batch.to(device)), reverse=False)).expand(len(batch))
+    points, seconds, done = [], 0.0, 0
+    for steps in curve_steps:
+        model.train()
+        start = time.perf_counter()
+        for i in range(done, steps):
+            optimizer.zero_grad()
+            z, sldj = model(to_unit(train_images[order[i * batch_size:(i + 1) * batch_size]].to(device)), reverse=False)
+            loss_fn(z, sldj).backward()
+            clip(optimizer, 100.0)
+            optimizer.step()
+        synchronize(device)
+        seconds, done = seconds + time.perf_counter() - start, steps
+        model.eval()
+        with torch.no_grad():
+            points.append((steps, seconds, curve_bpd(nll, test_images, steps == curve_steps[-1])))
+    return points
+
+
+def recipe_curve(recipe, args, folder, test_images, epochs):
+    """[(step, training seconds, test bpd)] of `python train.py --recipe RECIPE --epochs EPOCHS`, stopped by
+    --max-steps at each of --curve-steps and resumed, which continues exactly as one run; the seconds are those
+    spent in its training loop (not start-up, the statistics refresh or checkpoints), the bpd is the saved
+    model's (fp32, as evaluate.py). train.py's messages go to stderr."""
+    import train
+    spent, inner = [], train.Trainer.train_epoch
+
+    def timed_epoch(trainer, interrupt):
+        start = time.perf_counter()
+        try:
+            return inner(trainer, interrupt)
+        finally:
+            synchronize(trainer.dist.device)
+            spent.append(time.perf_counter() - start)
+    settings = ['--recipe', recipe, '--data-dir', args.data_dir, '--epochs', str(epochs), '--seed', '0',
+                '--batch-size', str(args.batch_size), '--image-size', str(args.image_size),
+                '--num-scales', str(args.num_scales), '--mid-channels', str(args.mid_channels),
+                '--num-blocks', str(args.num_blocks), '--amp' if args.amp else '--no-amp',
+                *(['--device', args.device] if args.device else []),
+                *(['--num-threads', str(args.num_threads)] if args.num_threads else [])]
+    points, last = [], os.path.join(folder, 'last.pt')
+    train.Trainer.train_epoch = timed_epoch
+    try:
+        for steps in args.curve_steps:
+            where = ['--resume', last] if points else ['--out-dir', folder, *settings]
+            with redirect_stdout(sys.stderr):
+                code = train.main([*where, '--max-steps', str(steps)])
+            if code != 0:
+                raise ValueError(f'train.py --recipe {recipe} stopped before step {steps}: see {folder}/train.log')
+            model, _ = P.load_checkpoint(last)
+            points.append((steps, sum(spent), curve_bpd(lambda batch: nll_per_image(model, batch), test_images,
+                                                         steps == args.curve_steps[-1])))
+    finally:
+        train.Trainer.train_epoch = inner
+    return points
+
+
+def time_to_reach(points, bpd):
+    """The training seconds at which a curve first reaches `bpd`, by linear interpolation between its points
+    (None if it does not)."""
+    previous = (0, 0.0, math.inf)
+    for point in points:
+        if point[2] <= bpd:
+            (_, t0, b0), (_, t1, b1) = previous, point
+            return t1 if math.isinf(b0) else t0 + (t1 - t0) * (b0 - bpd) / (b0 - b1)
+        previous = point
+    return None
+
+
+def time_to_bpd(args, folder):
+    """The three curves, written to `folder` as time_to_bpd.csv, .json (with the time each takes to reach the
+    lecture code's bpd at its last step) and .png; returns the JSON's content."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    device = P.pick_device(args.device)
+    config = P.config_from_args(args)
+    train_set, test_set = (ImageDataset('mnist', args.data_dir, train=t, img_size=args.image_size, download=False)
+                           for t in (True, False))
+    curves = {'lecture code': lecture_curve(args.lecture, config, train_set.images, test_set.images,
+                                            args.batch_size, args.curve_steps, device)}
+    # at least the 10 epochs of `python train.py`, whose learning rate comes down over the last 2
+    epochs = max(10, math.ceil(args.curve_steps[-1] / math.ceil(len(train_set) / args.batch_size)))
+    for recipe in ('lecture', 'default'):
+        curves[f'--recipe {recipe}'] = recipe_curve(recipe, args, os.path.join(folder, f'recipe-{recipe}'),
+                                                    test_set.images, epochs)
+    target = curves['lecture code'][-1][2]
+    result = dict(target_bpd=target, steps=args.curve_steps, test_images=CURVE_TEST_IMAGES, epochs=epochs,
+                  curves={name: [dict(step=s, seconds=t, bpd=b) for s, t, b in points] for name, points in curves.items()},
+                  seconds_to_target={name: time_to_reach(points, target) for name, points in curves.items()})
+    rows = ['curve,step,seconds,test_bpd'] + [f'{name},{s},{t:.1f},{b:.5f}' for name, points in curves.items()
+                                               for s, t, b in points]
+    P.write_atomically(('\n'.join(rows) + '\n').encode(), os.path.join(folder, 'time_to_bpd.csv'))
+    P.write_atomically(json.dumps(result, indent=1).encode(), os.path.join(folder, 'time_to_bpd.json'))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in curves.items():
+        ax.plot([t / 60 for _, t, _ in points], [b for *_, b in points], marker='o', label=name)
+    ax.axhline(target, color='gray', linestyle='--', linewidth=1,
+               label=f'the lecture code at {args.curve_steps[-1]} steps')
+    ax.set_xlabel('training time, minutes (evaluation excluded)')
+    ax.set_ylabel('test bpd')
+    ax.set_ylim(top=min(ax.get_ylim()[1], target + 1.5))
+    ax.set_title(f'MNIST {args.image_size}x{args.image_size}, batch {args.batch_size}, {device.type}, '
+                 f'{torch.get_num_threads()} threads')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, 'time_to_bpd.png'), dpi=120)
+    plt.close(fig)
+    return result
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.conditional:
-        parser.error('--conditional: bench.py times the unconditional model (the class prior is one elementwise '
-                     'layer more, the flow the same)')
     if args.lecture and not os.path.isfile(args.lecture):
         parser.error(f'--lecture {args.lecture}: no such file (the lecture notebook is ../shared/seed/000_*.txt)')
     if args.summarize:
@@ -560,12 +756,26 @@ def main(argv=None):
             parser.error(str(e))
         print_summary(summary)
         return 0 if all(stage['exit'] == 0 for stage in summary['stages'].values()) else 1
+    if args.time_to_bpd and not args.lecture:
+        parser.error('--time-to-bpd needs --lecture NOTEBOOK: the lecture\'s code is one of its curves')
+    if args.time_to_bpd and any(os.path.exists(os.path.join(args.time_to_bpd, f'recipe-{r}')) for r in ('lecture',
+                                                                                                       'default')):
+        parser.error(f'--time-to-bpd {args.time_to_bpd} already holds runs of an earlier time-to-bpd; give a new folder')
+    if sorted(set(args.curve_steps)) != args.curve_steps:
+        parser.error('--curve-steps must rise, each step once')
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     try:
         if args.lecture:
             lecture_code(args.lecture)  # a file without the lecture's code fails now, not after the benchmark
+        if args.time_to_bpd:
+            os.makedirs(args.time_to_bpd, exist_ok=True)
+            result = time_to_bpd(args, args.time_to_bpd)
+            print(json.dumps(result, indent=None if args.json else 1))
+            return 0
         result = benchmark(args)
+    except DataNotFoundError as e:
+        P.die('bench.py', e)
     except ValueError as e:
         parser.error(str(e))
     if args.json:

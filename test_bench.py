@@ -164,3 +164,61 @@ def test_the_launches_around_compiled_graphs_are_what_runs_outside_them(fresh_dy
         return (graph(x).sum() * 3.0).view(1).to(torch.float64)
     step()
     assert bench.count_launches_around_graphs(step) == dict(launches_outside_graphs=3, graphs_per_step=1)
+
+
+def test_bench_times_a_conditional_model_against_the_same_without_labels():
+    """--conditional: the parameters are the unconditional model's plus the prior (a mean and a log-scale per
+    class and dimension) and a bias per class for each s/t net's first convolution; the convolutions' FLOPs are
+    the same; and the step is timed against the same model without labels."""
+    import argparse
+    import bench
+    unconditional = RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1)
+    conditional = RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1, num_classes=10)
+    (p0, f0, s0), (p1, f1, s1) = bench.count_flops(unconditional), bench.count_flops(conditional)
+    model = RealNVP(conditional)
+    first_convs = [m.in_conv.weight_v.shape[0] for m in model.modules() if hasattr(m, 'class_bias')]
+    assert len(first_convs) == 10   # 3 + 3 couplings at the first scale, 4 at the second
+    assert p1 - p0 == 2 * 10 * 64 + 10 * sum(first_convs) and (f1, s1) == (f0, s0)
+    args = argparse.Namespace(batch_size=8, amp=False, compile=False, warmup=1, steps=2)
+    r = bench.measure_conditioning(args, conditional, torch.device('cpu'))
+    assert 0 < r['conditional_step_over_unconditional'] < 10
+
+
+def test_time_to_reach_interpolates_between_points_and_says_when_a_curve_never_gets_there():
+    import bench
+    points = [(10, 60.0, 5.0), (20, 120.0, 3.0), (30, 180.0, 3.5)]
+    assert bench.time_to_reach(points, 4.0) == 90.0     # halfway from 5.0 to 3.0
+    assert bench.time_to_reach(points, 3.2) == pytest.approx(114.0, abs=1e-9)
+    assert bench.time_to_reach(points, 6.0) == 60.0     # already there at the first point
+    assert bench.time_to_reach(points, 2.9) is None
+
+
+@pytest.mark.slow
+def test_time_to_bpd_trains_the_lecture_code_and_both_recipes_the_recipes_as_train_py_does(data_dir, tmp_path):
+    """Three curves of test bpd against training time, written as CSV, JSON and PNG; each recipe's curve is one
+    train.py run stopped and resumed at every point, so its last checkpoint is an uninterrupted run's; a folder
+    that holds curves already is refused."""
+    from conftest import assert_same_weights
+    out = tmp_path / 'curves'
+    tiny = ['--image-size', 8, '--mid-channels', 4, '--num-blocks', 1, '--batch-size', 16, '--num-threads', 1]
+    args = ['--time-to-bpd', out, '--data-dir', data_dir, '--lecture', NOTEBOOK, '--curve-steps', 3, 9, *tiny]
+    result = script('bench.py', *args, '--json')
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout)
+    assert set(r['curves']) == {'lecture code', '--recipe lecture', '--recipe default'}
+    for points in r['curves'].values():
+        assert [p['step'] for p in points] == [3, 9]
+        assert 0 < points[0]['seconds'] < points[1]['seconds'] and all(math.isfinite(p['bpd']) for p in points)
+    assert r['target_bpd'] == r['curves']['lecture code'][-1]['bpd']
+    assert r['seconds_to_target']['lecture code'] <= r['curves']['lecture code'][-1]['seconds']
+    assert len(open(out / 'time_to_bpd.csv').read().splitlines()) == 1 + 3 * 2
+    assert os.path.getsize(out / 'time_to_bpd.png') > 10_000
+    import train
+    whole = str(tmp_path / 'whole')
+    assert train.main(['--data-dir', data_dir, '--out-dir', whole, '--epochs', str(r['epochs']), '--max-steps', '9',
+                       '--seed', '0', '--no-amp', *map(str, tiny)]) == 0
+    assert_same_weights(os.path.join(whole, 'last.pt'), out / 'recipe-default' / 'last.pt')
+    before = open(out / 'time_to_bpd.json').read()
+    again = script('bench.py', *args)
+    assert again.returncode == 2 and 'already holds' in again.stderr.strip().splitlines()[-1]
+    assert open(out / 'time_to_bpd.json').read() == before

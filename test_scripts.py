@@ -120,7 +120,6 @@ def test_evaluate_breakdown_worst_and_per_image(full_run, data_dir, tmp_path):
 BAD_INPUT = [
     ('sample.py', ['--ckpt', '{best}', '--n', '0'], 2, ['--n', 'positive integer']),
     ('sample.py', ['--ckpt', '{best}', '--digit', '10'], 2, ['--digit', 'invalid choice']),
-    ('bench.py', ['--conditional', '--flops-only'], 2, ['--conditional', 'unconditional model']),
     ('evaluate.py', ['--ckpt', '{best}', '--judge', '--temperature', '0'], 2, ['--temperature', 'positive']),
     ('evaluate.py', ['--ckpt', '{best}', '--breakdown', '--classify'], 2, ['--classify needs a class-conditional']),
     ('train.py', ['--epochs', '-1'], 2, ['--epochs']),
@@ -169,7 +168,7 @@ BAD_INPUT = [
      ['metrics.csv', 'move it away']),
     ('train.py', ['--resume', '{badmetrics}/last.pt', '--data-dir', '{data}', '--epochs', '3'], 1,
      ['metrics.csv', 'move it away']),   # a column removed: refused before anything is trained
-    # abbreviations are not flags: they used to be taken, or ignored on --resume
+    # abbreviations are not flags: argparse would take them, or --resume would ignore them
     ('train.py', ['--resume', '{run}/last.pt', '--epoch', '3'], 2, ['unrecognized arguments: --epoch']),
     ('train.py', ['--resume', '{run}/last.pt', '--mid', '16'], 2, ['unrecognized arguments: --mid']),
     # nothing to do, or a checkpoint path that is not one
