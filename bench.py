@@ -112,21 +112,27 @@ def lecture_model(lecture, config, device):
     return model
 
 
-def lecture_train_step(notebook, config, batch_size, device):
-    """A training step of the lecture's own code: forward, its loss, backward, its clipping, Adam."""
+def lecture_training(notebook, config, device):
+    """The lecture's own code, ready to train: (its model, its loss, step(x)), a step being the forward pass, its
+    loss, backward, its gradient clipping at 100 and Adam at 1e-3."""
     lecture = lecture_code(notebook)
     model = lecture_model(lecture, config, device)
     loss_fn, clip = lecture['RealNVPLoss'](), lecture['clip_grad_norm']
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.randint(0, 256, (batch_size, config.in_channels, config.img_size, config.img_size), device=device) / 255.0
 
-    def step():
+    def step(x):
         optimizer.zero_grad()
-        z, sldj = model(x, reverse=False)
-        loss_fn(z, sldj).backward()
+        loss_fn(*model(x, reverse=False)).backward()
         clip(optimizer, 100.0)
         optimizer.step()
-    return step
+    return model, loss_fn, step
+
+
+def lecture_train_step(notebook, config, batch_size, device):
+    """A training step of the lecture's own code on one fixed batch, as a function of nothing."""
+    step = lecture_training(notebook, config, device)[2]
+    x = torch.randint(0, 256, (batch_size, config.in_channels, config.img_size, config.img_size), device=device) / 255.0
+    return lambda: step(x)
 
 
 def synchronize(device):
@@ -622,26 +628,19 @@ def curve_bpd(nll_fn, images, last):
 def lecture_curve(notebook, config, train_images, test_images, batch_size, curve_steps, device):
     """[(step, training seconds, test bpd)] of the lecture's own code: its model, loss and clipping, Adam at 1e-3,
     on batches of a seeded permutation of the training images; evaluated in eval mode with the clock stopped."""
-    lecture = lecture_code(notebook)
     torch.manual_seed(0)
-    model = lecture_model(lecture, config, device)
-    loss_fn, clip = lecture['RealNVPLoss'](), lecture['clip_grad_norm']
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model, loss_fn, step = lecture_training(notebook, config, device)
     order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))
     order = order.repeat(math.ceil(curve_steps[-1] * batch_size / len(order)))
 
-    def nll(batch):   # the lecture's loss is a batch mean: one image at a time would be slow, so a batch's mean
+    def nll(batch):   # each image gets its batch's mean NLL (the lecture's loss): the mean over images stays exact
         return loss_fn(*model(to_unit(batch.to(device)), reverse=False)).expand(len(batch))
     points, seconds, done = [], 0.0, 0
     for steps in curve_steps:
         model.train()
         start = time.perf_counter()
         for i in range(done, steps):
-            optimizer.zero_grad()
-            z, sldj = model(to_unit(train_images[order[i * batch_size:(i + 1) * batch_size]].to(device)), reverse=False)
-            loss_fn(z, sldj).backward()
-            clip(optimizer, 100.0)
-            optimizer.step()
+            step(to_unit(train_images[order[i * batch_size:(i + 1) * batch_size]].to(device)))
         synchronize(device)
         seconds, done = seconds + time.perf_counter() - start, steps
         model.eval()
