@@ -194,6 +194,7 @@ def test_time_to_reach_interpolates_between_points_and_says_when_a_curve_never_g
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile(NOTEBOOK), reason='the lecture notebook (../shared/seed) is not here')
 def test_time_to_bpd_trains_the_lecture_code_and_both_recipes_the_recipes_as_train_py_does(data_dir, tmp_path):
     """Three curves of test bpd against training time, written as CSV, JSON and PNG; each recipe's curve is one
     train.py run stopped and resumed at every point, so its last checkpoint is an uninterrupted run's; a folder
