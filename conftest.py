@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from realnvp import RealNVP
+from realnvp import LABEL_GAIN, RealNVP
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NOTEBOOK = os.path.join(HERE, '..', 'shared', 'seed', '000_3ef8c274db9a0617.txt')
@@ -27,11 +27,13 @@ OFFLINE = {'http_proxy': 'http://127.0.0.1:9', 'https_proxy': 'http://127.0.0.1:
 
 
 def perturb_and_settle(model, shape, seed=0, steps=3):
-    """Move the weights off their initial values and the batch-norm statistics off their defaults."""
+    """Move the weights off their initial values (each by about 0.2 as used: the label's parameters, used times
+    LABEL_GAIN, by 0.2 / LABEL_GAIN) and the batch-norm statistics off their defaults."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        for name, p in model.named_parameters():
+            label_parameter = name.endswith('class_bias') or name.startswith('prior.')
+            p.add_(0.2 / (LABEL_GAIN if label_parameter else 1.0) * torch.randn(p.shape, generator=g, dtype=p.dtype))
         model.train()
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):

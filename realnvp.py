@@ -161,11 +161,19 @@ class ResidualBlock(nn.Module):
         return h.add_(x)
 
 
+LABEL_GAIN = 100.0
+"""The label's parameters (the couplings' class biases, the prior's means and log-scales) are stored divided by
+this gain and multiplied by it where used. Adam moves a parameter by about its learning rate a step whatever its
+gradient's scale, so these move 100 times as fast as the weights (Karras et al. 2018 scale their weights at run
+time for the same reason). From zero at 1e-3 they could move at most about 0.4 in the 469 steps of an epoch, too
+little for a mean or a log-scale of a latent whose spread is 1. (docs/experiments.md: one epoch with and without.)"""
+
+
 class ResNet(nn.Module):
     """The s/t network: bn -> [x, -x] -> relu -> conv -> residual blocks with 1x1 skips -> bn -> relu -> 1x1 conv.
 
-    With `num_classes` > 0 the label is an input too: a learned bias per class (zero at the start) is added to
-    the first convolution's output, so s and t may differ from digit to digit."""
+    With `num_classes` > 0 the label is an input too: a learned bias per class (zero at the start, used times
+    LABEL_GAIN) is added to the first convolution's output, so s and t may differ from digit to digit."""
 
     def __init__(self, in_channels, mid_channels, out_channels, num_blocks, double_after_norm, num_classes=0):
         super().__init__()
@@ -192,7 +200,7 @@ class ResNet(nn.Module):
         x = F.relu(x, inplace=True)
         x = self.in_conv(x)   # (B, mid, H, W), in the dtype autocast chose
         if self.class_bias is not None:
-            x.add_(self.class_bias[labels].to(x.dtype)[:, :, None, None])   # + (B, mid, 1, 1), each image's label's
+            x.add_((LABEL_GAIN * self.class_bias[labels]).to(x.dtype)[:, :, None, None])   # + (B, mid, 1, 1)
         # the blocks' 3x3 and the skips' 1x1 convolutions: their weights computed together, a few launches each
         block_weights = weight_normed([conv for b in self.blocks for conv in (b.in_conv, b.out_conv)], x.dtype)
         skip_weights = weight_normed([self.in_skip, *self.skips], x.dtype)
@@ -430,15 +438,20 @@ class ClassPrior(nn.Module):
     with log-det -sum(log_scale_y), and eps ~ N(0, I) as before. So log p(x | y) = log N(eps) + sldj exactly,
     and the loss is RealNVPLoss as it is. (Glow's `--ycond` prior is of this kind.) Its parameters depend on the
     label alone, never on x: each class's density stays normalised. Both start at zero, so that with the
-    couplings' class biases, also zero, the first step is the unconditional model's."""
+    couplings' class biases, also zero, the first step is the unconditional model's; both are used times
+    LABEL_GAIN."""
 
     def __init__(self, num_classes, shape):
         super().__init__()
         self.mean = nn.Parameter(torch.zeros(num_classes, *shape))        # (K, C, H, W)
         self.log_scale = nn.Parameter(torch.zeros(num_classes, *shape))   # (K, C, H, W)
 
+    def gaussian(self, labels):
+        """The mean and log-scale of each image's label's Gaussian, each (B, C, H, W)."""
+        return LABEL_GAIN * self.mean[labels], LABEL_GAIN * self.log_scale[labels]
+
     def forward(self, z, sldj, labels, reverse=False):
-        mean, log_scale = self.mean[labels], self.log_scale[labels]   # (B, C, H, W), each image's label's
+        mean, log_scale = self.gaussian(labels)
         if reverse:
             return z * log_scale.exp() + mean, sldj
         return (z - mean) * torch.exp(-log_scale), sldj - log_scale.flatten(1).sum(-1)

@@ -58,13 +58,13 @@ def test_an_unconditional_checkpoint_asked_for_a_digit_or_to_classify_is_one_lin
 def test_classify_reports_accuracy_and_a_marginal_within_log2_10_bits_an_image(conditional_run, data_dir, tmp_path,
                                                                                in_process):
     """-log p(x) = -log sum_y p(x | y) / 10 <= -log p(x | y_true) + log 10: the marginal bpd is at most the
-    conditional one plus log2(10) / D, and no better than the best class's; the confusion PNG is written."""
+    conditional one plus log2(10) / D (the other way there is no bound: a model may prefer a wrong digit); the
+    confusion PNG is written."""
     result = in_process('evaluate.py', '--ckpt', os.path.join(conditional_run, 'best.pt'), '--data-dir', data_dir,
                         '--classify', '--json', '--out-dir', str(tmp_path))
     assert result.returncode == 0, result.stderr
     r = json.loads(result.stdout)
     assert 0.0 <= r['accuracy'] <= 1.0 and r['conditional']
-    assert r['bpd'] - 1e-9 <= r['marginal_bpd'] + torch.log2(torch.tensor(10.0)).item() / 64
     assert r['marginal_bpd'] <= r['bpd'] + torch.log2(torch.tensor(10.0)).item() / 64 + 1e-9
     assert os.path.getsize(r['confusion_png']) > 1000
 

@@ -13,7 +13,7 @@ import torch
 import realnvp
 from conftest import NOTEBOOK, TINY, logdet, perturb_and_settle, tiny_model
 from realnvp import (CouplingLayer, MaskType, RealNVP, RealNVPConfig, RealNVPLoss, ResidualBlock, WNConv2d,
-                     bits_per_dim, checkerboard_mask, get_param_groups, squeeze_2x2)
+                     LABEL_GAIN, bits_per_dim, checkerboard_mask, get_param_groups, squeeze_2x2)
 
 
 # -----------------------------------------------------------------------------
@@ -629,12 +629,13 @@ def test_refreshed_batch_norm_makes_eval_mode_match_train_mode(flow_norm):
 
 
 def conditional_tiny(seed=0):
-    """A float64 tiny class-conditional model, its prior moved off zero, in eval mode."""
+    """A float64 tiny class-conditional model, its prior moved off zero (means of spread 1, log-scales of 0.5 as
+    used, the stored parameters times LABEL_GAIN), in eval mode."""
     torch.manual_seed(seed)
     model = tiny_model(1, 4, 2, num_classes=3)
     with torch.no_grad():
-        model.prior.mean.normal_()
-        model.prior.log_scale.normal_(0.0, 0.5)
+        model.prior.mean.normal_(0.0, 1.0 / LABEL_GAIN)
+        model.prior.log_scale.normal_(0.0, 0.5 / LABEL_GAIN)
     return model.eval()
 
 
@@ -647,7 +648,8 @@ def test_the_class_prior_gives_log_p_x_given_y_as_a_gaussian_of_the_flow_latent_
     eps, sldj = model(x, noise=u, labels=labels)
     nll = RealNVPLoss(reduction='none')(eps, sldj)
     z, flow_sldj = model.flows(*model.preprocess(x, u), labels=labels)
-    prior = torch.distributions.Normal(model.prior.mean[labels], model.prior.log_scale[labels].exp())
+    mean, log_scale = model.prior.gaussian(labels)
+    prior = torch.distributions.Normal(mean, log_scale.exp())
     expected = -(prior.log_prob(z).flatten(1).sum(-1) + flow_sldj) + 16 * math.log(256)
     assert (nll - expected).abs().max() < 1e-9
     y, _ = model(eps, reverse=True, labels=labels)
