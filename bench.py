@@ -1,29 +1,25 @@
 """Measure RealNVP's speed and size: training, sampling and evaluation throughput, peak memory, FLOPs per image
-(torch.utils.flop_counter), and the FLOP/s achieved against a ceiling measured in the same run on the step's own
-kind of work (the best of a large matmul and each of the model's convolution shapes, per dtype), with the
-share of step time spent outside convolutions (torch.profiler); and, with --time-to-bpd, how fast the lecture's
-code and the two recipes reach a test bpd.
+(torch.utils.flop_counter), kernel launches a step, and the FLOP/s achieved against a ceiling measured in the same
+run on the step's own kind of work (the best of a large matmul and each of the model's convolution shapes, per
+dtype), with the share of step time spent outside convolutions (torch.profiler). The step timed is train.py's own
+`train_step`.
 
     python bench.py --num-threads 2                  # the default config (MNIST 14x14, batch 128) on the CPU
     python bench.py --device cuda --amp --compile    # the fast GPU path
     python bench.py --flops-only --image-size 28     # parameters, FLOPs, saved activations (used by answers.md)
-    python bench.py --time-to-bpd DIR --data-dir ../shared/data --lecture NOTEBOOK --amp --num-threads 2
-                                                     # test bpd against training time: the lecture's code, both recipes
-    bash gpu_check.sh DATA_DIR                       # the whole GPU check (bench.py --summarize prints it)
+    bash gpu_check.sh DATA_DIR                       # the whole GPU check
 
 Run one benchmark at a time: two heavy jobs on the same cores slow each other down.
 """
 import argparse
 import json
-import math
 import os
 import re
 import resource
 import statistics
-import sys
 import time
 from collections import Counter
-from contextlib import nullcontext, redirect_stdout
+from contextlib import nullcontext
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -32,8 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import plumbing as P
-from realnvp import (DataNotFoundError, ImageDataset, RealNVP, RealNVPLoss, SkipGuard, WeightAverage, WNConv2d,
-                     make_optimizer, nll_per_image, refresh_batch_norm, to_unit, train_step)
+from realnvp import RealNVP, RealNVPLoss, WNConv2d, nll_per_image, to_unit
+from train import SkipGuard, WeightAverage, make_optimizer, refresh_batch_norm, train_step
 
 
 def build_parser():
@@ -56,22 +52,13 @@ def build_parser():
       help='also time the lecture notebook\'s own code (its text file, e.g. ../shared/seed/000_*.txt) on the same '
            'config, device and data, for comparison')
     a('--json', action='store_true', help='print one JSON object instead of a table')
-    a('--time-to-bpd', default=None, metavar='DIR',
-      help='time nothing else: train the lecture\'s code (--lecture), train.py --recipe lecture and train.py\'s '
-           'default on MNIST (--data-dir), evaluating test bpd at --curve-steps with the clock stopped; write '
-           'DIR/time_to_bpd.csv, .json and .png (test bpd against training time)')
-    a('--data-dir', default='./data', help='with --time-to-bpd: the folder holding MNIST/raw/ (default ./data)')
-    a('--curve-steps', type=P.positive_int, nargs='+', default=[25, 50, 100, 150, 200, 250, 300], metavar='N',
-      help='with --time-to-bpd: the steps at which each training is evaluated (default 25 50 100 150 200 250 300)')
-    a('--summarize', default=None, metavar='DIR',
-      help='time nothing: read the stages gpu_check.sh wrote to DIR, write DIR/summary.json and print it; '
-           'exit 1 when a stage failed')
     return p
 
 
 def example_labels(config, n, device=None):
-    """Labels for n images of a class-conditional model (every class in turn); None for an unconditional one."""
-    return torch.arange(n, device=device) % config.num_classes if config.num_classes else None
+    """Labels for n images of a class-conditional model; None for an unconditional one."""
+    classes = config.num_classes
+    return P.class_labels(range(classes), 1, device).repeat(-(-n // classes))[:n] if classes else None
 
 
 def count_flops(config, batch_size=1):
@@ -191,7 +178,7 @@ def training_step(args, config, device):
     """(model, autocast, images, step): a model of `config` in train mode and a function doing one training step."""
     torch.manual_seed(0)
     model = RealNVP(config).to(device).train()
-    guard = SkipGuard(model, make_optimizer(model, 1e-3, 5e-5), 100.0, compile=args.compile)
+    guard = SkipGuard(model, make_optimizer(model, 1e-3, 5e-5), 100.0)
     net = P.compile_model(model, device) if args.compile else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
     images = torch.randint(0, 256, (args.batch_size, *model.shape), dtype=torch.uint8, device=device)
@@ -333,14 +320,14 @@ class LaunchCounter(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.calls = 0
+        self.ops = []   # the overload packets called, in order
 
     NO_KERNEL = (torch.ops.aten.detach, torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.new_empty,
                  torch.ops.aten.new_empty_strided)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not func.is_view and func.overloadpacket not in self.NO_KERNEL:
-            self.calls += 1
+            self.ops.append(func.overloadpacket)
         return func(*args, **(kwargs or {}))
 
 
@@ -348,7 +335,7 @@ def count_launches(fn):
     """The kernels `fn()` launches, eager: its operator calls (`LaunchCounter`)."""
     with LaunchCounter() as counter:
         fn()
-    return counter.calls
+    return len(counter.ops)
 
 
 def is_kernel(op_name):
@@ -538,258 +525,17 @@ def print_table(result):
         print(result['profile_table'])
 
 
-def read_text(path):
-    """A file's text, '' when it is missing or unreadable."""
-    try:
-        with open(path, errors='replace') as f:
-            return f.read()
-    except OSError:
-        return ''
-
-
-def read_json(path):
-    """The JSON object a stage printed as its last line, or None (no file, no output, not JSON)."""
-    try:
-        with open(path) as f:
-            return json.loads(f.read().strip().splitlines()[-1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def summarize(folder):
-    """gpu_check.sh's stages in DIR: {stage: exit code and seconds}, versions, images/s and the ratios to the
-    lecture's fp32 code, compile time, launches per step, the run's wall time and test bpd, the notebook used,
-    and each stage's output (its JSON, or its last 30 lines) and last 30 lines of messages. Missing parts: None."""
-    path = os.path.join(folder, 'stages.tsv')
-    try:
-        with open(path) as f:
-            rows = [line.rstrip('\n').split('\t') for line in f][1:]
-        stages = {name: dict(exit=int(rc), seconds=float(seconds), limit=int(limit)) for name, rc, seconds, limit in rows}
-    except (OSError, ValueError, UnicodeDecodeError):   # a short row is a ValueError too (unpacking)
-        raise ValueError(f'--summarize {folder}: {path} is not a stages.tsv of gpu_check.sh (a row is cut short or '
-                         f'not numbers)') from None
-    runs = {name: read_json(os.path.join(folder, f'bench_{name}.out')) for name in ('fp32', 'amp', 'compiled')}
-    lecture = (runs['fp32'] or {}).get('lecture_train_images_per_s')
-    evaluation = read_json(os.path.join(folder, 'evaluate.out')) or {}
-    summary = dict(stages=stages, versions=read_json(os.path.join(folder, 'versions.out')),
-                   lecture_fp32_images_per_s=lecture)
-    for name, run in runs.items():
-        run = run or {}
-        speed = run.get('train_images_per_s')
-        summary[name] = dict(images_per_s=speed, times_lecture=speed / lecture if speed and lecture else None,
-                             first_step_s=run.get('first_step_s'), launches_per_step=run.get('launches_per_step'),
-                             launches_outside_graphs=run.get('launches_outside_graphs'),
-                             overhead_over_lecture=run.get('overhead_over_lecture'),
-                             ratio_to_ceiling=run.get('ratio_to_ceiling'))
-    summary['train_wall_s'] = stages.get('train', {}).get('seconds')
-    summary['train_finished'] = stages.get('train', {}).get('exit') == 0
-    summary['test_bpd'], summary['test_bpd_stderr'] = evaluation.get('bpd'), evaluation.get('stderr')
-    summary['evaluated_step'] = evaluation.get('step')
-    notebook = read_text(os.path.join(folder, 'notebook.txt')).strip()
-    summary['lecture_notebook'] = notebook or 'none given (gpu_check.sh --notebook PATH): the lecture code was not timed'
-    summary['outputs'] = {name: read_json(os.path.join(folder, f'{name}.out')) or
-                          read_text(os.path.join(folder, f'{name}.out')).splitlines()[-30:] for name in stages}
-    summary['messages'] = {name: read_text(os.path.join(folder, f'{name}.log')).splitlines()[-30:] for name in stages}
-    P.write_atomically(json.dumps(summary, indent=1).encode(), os.path.join(folder, 'summary.json'))
-    return summary
-
-
-def print_summary(summary):
-    for name, stage in summary['stages'].items():
-        print(f'  {name:<15} exit {stage["exit"]:>3}  {stage["seconds"]:7.1f} s of {stage["limit"]}')
-    speed = lambda v, f='{:.1f}': 'n/a' if v is None else f.format(v)
-    print(f'  lecture code, fp32: {speed(summary["lecture_fp32_images_per_s"])} images/s '
-          f'(notebook: {summary["lecture_notebook"]})')
-    for name in ('fp32', 'amp', 'compiled'):
-        s = summary[name]
-        print(f'  {name:<9} {speed(s["images_per_s"])} images/s = {speed(s["times_lecture"], "{:.2f}x")} the lecture; '
-              f'first step {speed(s["first_step_s"])} s, ' + (
-                  f'{speed(s["launches_outside_graphs"], "{:,.0f}")} launches a step outside graphs' if name == 'compiled'
-                  else f'{speed(s["launches_per_step"], "{:,.0f}")} launches a step'))
-    print(f'  training: {speed(summary["train_wall_s"])} s ({"finished" if summary["train_finished"] else "NOT finished"}); '
-          f'test bpd {speed(summary["test_bpd"], "{:.4f}")} ± {speed(summary["test_bpd_stderr"], "{:.4f}")} '
-          f'at step {summary["evaluated_step"]}')
-
-
-# -----------------------------------------------------------------------------
-# Time to bpd: test bpd against training time for the lecture's code and both recipes
-
-CURVE_TEST_IMAGES = 2000   # test images at every point but the last, which takes the whole split
-
-
-def curve_bpd(nll_fn, images, last):
-    """Test bpd from `nll_fn` (uint8 batch -> NLL in nats per image) on the first CURVE_TEST_IMAGES test images,
-    or all of them at the `last` point."""
-    images = images if last else images[:CURVE_TEST_IMAGES]
-    nll = torch.cat([nll_fn(batch) for batch in images.split(500)])
-    return nll.double().mean().item() / (images[0].numel() * math.log(2))
-
-
-def lecture_curve(notebook, config, train_images, test_images, batch_size, curve_steps, device):
-    """[(step, training seconds, test bpd)] of the lecture's own code: its model, loss and clipping, Adam at 1e-3,
-    on batches of a seeded permutation of the training images; evaluated in eval mode with the clock stopped."""
-    torch.manual_seed(0)
-    model, loss_fn, step = lecture_training(notebook, config, device)
-    order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))
-    order = order.repeat(math.ceil(curve_steps[-1] * batch_size / len(order)))
-
-    def nll(batch):   # each image gets its batch's mean NLL (the lecture's loss): the mean over images stays exact
-        return loss_fn(*model(to_unit(batch.to(device)), reverse=False)).expand(len(batch))
-    points, seconds, done = [], 0.0, 0
-    for steps in curve_steps:
-        model.train()
-        start = time.perf_counter()
-        for i in range(done, steps):
-            step(to_unit(train_images[order[i * batch_size:(i + 1) * batch_size]].to(device)))
-        synchronize(device)
-        seconds, done = seconds + time.perf_counter() - start, steps
-        model.eval()
-        with torch.no_grad():
-            points.append((steps, seconds, curve_bpd(nll, test_images, steps == curve_steps[-1])))
-    return points
-
-
-def recipe_curve(recipe, args, folder, test_images, epochs):
-    """[(step, training seconds, test bpd)] of `python train.py --recipe RECIPE --epochs EPOCHS`, stopped by
-    --max-steps at each of --curve-steps and resumed, which continues exactly as one run; the seconds are those
-    spent in its training loop (not start-up, the statistics refresh or checkpoints), the bpd is the saved
-    model's (fp32, as evaluate.py). train.py's messages go to stderr."""
-    import train
-    spent, inner = [], train.Trainer.train_epoch
-
-    def timed_epoch(trainer, interrupt):
-        start = time.perf_counter()
-        try:
-            return inner(trainer, interrupt)
-        finally:
-            synchronize(trainer.dist.device)
-            spent.append(time.perf_counter() - start)
-    settings = ['--recipe', recipe, '--data-dir', args.data_dir, '--epochs', str(epochs), '--seed', '0',
-                '--batch-size', str(args.batch_size), '--image-size', str(args.image_size),
-                '--num-scales', str(args.num_scales), '--mid-channels', str(args.mid_channels),
-                '--num-blocks', str(args.num_blocks), '--amp' if args.amp else '--no-amp',
-                *(['--device', args.device] if args.device else []),
-                *(['--num-threads', str(args.num_threads)] if args.num_threads else [])]
-    points, last = [], os.path.join(folder, 'last.pt')
-    train.Trainer.train_epoch = timed_epoch
-    try:
-        for steps in args.curve_steps:
-            where = ['--resume', last] if points else ['--out-dir', folder, *settings]
-            with redirect_stdout(sys.stderr):
-                code = train.main([*where, '--max-steps', str(steps)])
-            if code != 0:
-                raise ValueError(f'train.py --recipe {recipe} stopped before step {steps}: see {folder}/train.log')
-            model, _ = P.load_checkpoint(last)
-            points.append((steps, sum(spent), curve_bpd(lambda batch: nll_per_image(model, batch), test_images,
-                                                         steps == args.curve_steps[-1])))
-    finally:
-        train.Trainer.train_epoch = inner
-    return points
-
-
-def time_to_reach(points, bpd):
-    """The training seconds at which a curve first reaches `bpd`, by linear interpolation between its points
-    (None if it does not)."""
-    previous = (0, 0.0, math.inf)
-    for point in points:
-        if point[2] <= bpd:
-            (_, t0, b0), (_, t1, b1) = previous, point
-            return t1 if math.isinf(b0) else t0 + (t1 - t0) * (b0 - bpd) / (b0 - b1)
-        previous = point
-    return None
-
-
-def time_to_bpd(args, folder):
-    """The three curves, written to `folder` as time_to_bpd.csv, .json (with the time each takes to reach the
-    lecture code's bpd at its last step) and .png; returns the JSON's content."""
-    device = P.pick_device(args.device)
-    config = P.config_from_args(args)
-    train_set, test_set = (ImageDataset('mnist', args.data_dir, train=t, img_size=args.image_size, download=False)
-                           for t in (True, False))
-    curves = {'lecture code': lecture_curve(args.lecture, config, train_set.images, test_set.images,
-                                            args.batch_size, args.curve_steps, device)}
-    # at least the 10 epochs of `python train.py`, whose learning rate comes down over the last 2
-    epochs = max(10, math.ceil(args.curve_steps[-1] / math.ceil(len(train_set) / args.batch_size)))
-    for recipe in ('lecture', 'default'):
-        curves[f'--recipe {recipe}'] = recipe_curve(recipe, args, os.path.join(folder, f'recipe-{recipe}'),
-                                                    test_set.images, epochs)
-    target = curves['lecture code'][-1][2]
-    result = dict(target_bpd=target, steps=args.curve_steps, test_images=CURVE_TEST_IMAGES, epochs=epochs,
-                  curves={name: [dict(step=s, seconds=t, bpd=b) for s, t, b in points] for name, points in curves.items()},
-                  seconds_to_target={name: time_to_reach(points, target) for name, points in curves.items()})
-    rows = ['curve,step,seconds,test_bpd'] + [f'{name},{s},{t:.1f},{b:.5f}' for name, points in curves.items()
-                                               for s, t, b in points]
-    P.write_atomically(('\n'.join(rows) + '\n').encode(), os.path.join(folder, 'time_to_bpd.csv'))
-    P.write_atomically(json.dumps(result, indent=1).encode(), os.path.join(folder, 'time_to_bpd.json'))
-    plot_time_to_bpd(result, os.path.join(folder, 'time_to_bpd.png'),
-                     f'MNIST {args.image_size}x{args.image_size}, batch {args.batch_size}, {device.type}, '
-                     f'{torch.get_num_threads()} threads')
-    return result
-
-
-def plot_time_to_bpd(result, path, title):
-    """Test bpd against training minutes, one line a curve of `result` (time_to_bpd's), the lecture code's last
-    figure dashed. The axis stops 1.5 bpd above that figure: a point beyond it (an unstable evaluation) is drawn at
-    the top as a triangle (its value is in the CSV)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    target = result['target_bpd']
-    top = target + 1.5
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, points in result['curves'].items():
-        minutes = [p['seconds'] / 60 for p in points]
-        line, = ax.plot(minutes, [min(p['bpd'], top) for p in points], marker='o', label=name)
-        beyond = [m for m, p in zip(minutes, points) if p['bpd'] > top]
-        ax.plot(beyond, [top] * len(beyond), linestyle='none', marker='^', markersize=10, color=line.get_color())
-    ax.axhline(target, color='gray', linestyle='--', linewidth=1,
-               label=f"the lecture code at {result['steps'][-1]} steps")
-    lowest = min(p['bpd'] for points in result['curves'].values() for p in points)
-    ax.set_ylim(lowest - 0.2, top + 0.1)
-    ax.plot([], [], linestyle='none', marker='^', color='gray', label=f'beyond {top:.2f}')
-    ax.set_xlabel('training time, minutes (evaluation excluded)')
-    ax.set_ylabel('test bpd')
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.lecture and not os.path.isfile(args.lecture):
         parser.error(f'--lecture {args.lecture}: no such file (the lecture notebook is ../shared/seed/000_*.txt)')
-    if args.summarize:
-        if not os.path.isfile(os.path.join(args.summarize, 'stages.tsv')):
-            parser.error(f'--summarize {args.summarize}: no stages.tsv there (gpu_check.sh writes it)')
-        try:
-            summary = summarize(args.summarize)
-        except ValueError as e:   # P.CheckpointError too: summary.json could not be written
-            parser.error(str(e))
-        print_summary(summary)
-        return 0 if all(stage['exit'] == 0 for stage in summary['stages'].values()) else 1
-    if args.time_to_bpd and not args.lecture:
-        parser.error('--time-to-bpd needs --lecture NOTEBOOK: the lecture\'s code is one of its curves')
-    if args.time_to_bpd and any(os.path.exists(os.path.join(args.time_to_bpd, f'recipe-{r}')) for r in ('lecture',
-                                                                                                       'default')):
-        parser.error(f'--time-to-bpd {args.time_to_bpd} already holds runs of an earlier time-to-bpd; give a new folder')
-    if sorted(set(args.curve_steps)) != args.curve_steps:
-        parser.error('--curve-steps must rise, each step once')
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     try:
         if args.lecture:
             lecture_code(args.lecture)  # a file without the lecture's code fails now, not after the benchmark
-        if args.time_to_bpd:
-            os.makedirs(args.time_to_bpd, exist_ok=True)
-            result = time_to_bpd(args, args.time_to_bpd)
-            print(json.dumps(result, indent=None if args.json else 1))
-            return 0
         result = benchmark(args)
-    except DataNotFoundError as e:
-        P.die('bench.py', e)
     except ValueError as e:
         parser.error(str(e))
     if args.json:

@@ -21,7 +21,8 @@ import os
 import torch
 
 import plumbing as P
-from realnvp import DataNotFoundError, bits_per_dim, class_nll, frechet_distance, nll_per_image
+from realnvp import (DataNotFoundError, bits_per_dim, class_nll, frechet_distance, in_mode, nll_per_image, nll_terms,
+                     to_unit)
 
 
 def build_parser():
@@ -70,10 +71,14 @@ def standard_error(values):
     return values.std().item() / math.sqrt(len(values)) if len(values) > 1 else float('nan')
 
 
+@torch.no_grad()
 def breakdown(model, images, batch_size=512):
-    """(per-image bpd, {term: mean bpd}) from one dequantisation draw; the terms add up to the bpd."""
-    terms = {k: bits_per_dim(images, v.double().cpu())
-             for k, v in nll_per_image(model, images, batch_size, terms=True).items()}
+    """(per-image bpd, {term: mean bpd}) from one dequantisation draw; the terms (`nll_terms`) add up to the bpd."""
+    parts = []
+    with in_mode(model, False):
+        for batch in images.split(batch_size):
+            parts.append(nll_terms(model, to_unit(batch.to(model.device)).to(model.dtype)))
+    terms = {k: bits_per_dim(images, torch.cat([p[k] for p in parts]).double().cpu()) for k in parts[0]}
     return sum(terms.values()), {k: v.mean().item() for k, v in terms.items()}
 
 
@@ -126,7 +131,7 @@ def judge_samples(args, model, ckpt, device):
     log = (lambda line: None) if args.json else print
     judge, accuracy = P.load_judge(train, test, os.path.join(args.runs_dir, 'judges'), device, log)
     k = model.config.num_classes
-    asked = torch.arange(args.n, device=device) % k if k else None   # the digits in turn
+    asked = P.class_labels(range(k), 1, device).repeat(-(-args.n // k))[:args.n] if k else None   # in turn
     generator = torch.Generator(device=device).manual_seed(args.seed)
     samples = torch.cat([model.sample(len(part), args.temperature, generator, None if k == 0 else asked[part])
                          for part in torch.arange(args.n, device=device).split(1024)])
@@ -239,7 +244,7 @@ def main(argv=None):
     if terms:
         result['breakdown'] = terms
     if args.judge:
-        result.update(judge_samples(args, model, ckpt, next(model.parameters()).device))
+        result.update(judge_samples(args, model, ckpt, model.device))
     try:
         result.update(write_outputs(paths, images, labels, bpd, args.worst))
         if args.classify:

@@ -87,7 +87,56 @@ stage train 120 "$python" "$here/train.py" --data-dir "$work/data" --out-dir "$w
 ckpt="$work/run/best.pt"
 if [ ! -f "$ckpt" ]; then ckpt="$work/run/last.pt"; fi
 stage evaluate 40 "$python" "$here/evaluate.py" --ckpt "$ckpt" --data-dir "$work/data" --device "$device" --json
-"$python" "$here/bench.py" --summarize "$work"
+"$python" - "$work" <<'SUMMARY'
+# The summary: every stage's exit code and seconds, the versions, images/s against the lecture's fp32 code, the
+# compile time, launches a step, the run's wall time and test bpd, and what each stage printed. Missing parts: null.
+import json, os, sys
+work = sys.argv[1]
+def text(name):
+    try:
+        with open(os.path.join(work, name), errors='replace') as f:
+            return f.read()
+    except OSError:
+        return ''
+def last_json(name):   # the JSON object a stage printed as its last line
+    try:
+        return json.loads(text(name).strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return None
+rows = [line.split('\t') for line in text('stages.tsv').splitlines()[1:]]
+stages = {name: dict(exit=int(rc), seconds=float(s), limit=int(limit)) for name, rc, s, limit in rows}
+runs = {name: last_json(f'bench_{name}.out') or {} for name in ('fp32', 'amp', 'compiled')}
+lecture = runs['fp32'].get('lecture_train_images_per_s')
+evaluation = last_json('evaluate.out') or {}
+summary = dict(stages=stages, versions=last_json('versions.out'), lecture_fp32_images_per_s=lecture)
+for name, run in runs.items():
+    speed = run.get('train_images_per_s')
+    summary[name] = dict(images_per_s=speed, times_lecture=speed / lecture if speed and lecture else None,
+                         **{key: run.get(key) for key in ('first_step_s', 'launches_per_step', 'launches_outside_graphs',
+                                                          'overhead_over_lecture', 'ratio_to_ceiling')})
+summary.update(train_wall_s=stages.get('train', {}).get('seconds'), train_finished=stages.get('train', {}).get('exit') == 0,
+               test_bpd=evaluation.get('bpd'), test_bpd_stderr=evaluation.get('stderr'), evaluated_step=evaluation.get('step'),
+               lecture_notebook=text('notebook.txt').strip() or 'none given (gpu_check.sh --notebook PATH): '
+                                                                 'the lecture code was not timed',
+               outputs={name: last_json(f'{name}.out') or text(f'{name}.out').splitlines()[-30:] for name in stages},
+               messages={name: text(f'{name}.log').splitlines()[-30:] for name in stages})
+with open(os.path.join(work, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+n = lambda v, form='{:.1f}': 'n/a' if v is None else form.format(v)
+for name, stage in stages.items():
+    print(f'  {name:<15} exit {stage["exit"]:>3}  {stage["seconds"]:7.1f} s of {stage["limit"]}')
+print(f'  lecture code, fp32: {n(lecture)} images/s (notebook: {summary["lecture_notebook"]})')
+for name in ('fp32', 'amp', 'compiled'):
+    s = summary[name]
+    launches = (f'{n(s["launches_outside_graphs"], "{:,.0f}")} launches a step outside graphs' if name == 'compiled'
+                else f'{n(s["launches_per_step"], "{:,.0f}")} launches a step')
+    print(f'  {name:<9} {n(s["images_per_s"])} images/s = {n(s["times_lecture"], "{:.2f}x")} the lecture; '
+          f'first step {n(s["first_step_s"])} s, {launches}')
+print(f'  training: {n(summary["train_wall_s"])} s ({"finished" if summary["train_finished"] else "NOT finished"}); '
+      f'test bpd {n(summary["test_bpd"], "{:.4f}")} ± {n(summary["test_bpd_stderr"], "{:.4f}")} '
+      f'at step {summary["evaluated_step"]}')
+sys.exit(0 if all(stage['exit'] == 0 for stage in stages.values()) else 1)
+SUMMARY
 rc=$?
 cp "$work/summary.json" "$out/" 2>/dev/null
 for f in train.log metrics.csv; do cp "$work/run/$f" "$out/" 2>/dev/null; done

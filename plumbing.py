@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from realnvp import (DATASET_CHANNELS, DataNotFoundError, DigitJudge, ImageDataset, RealNVP, RealNVPConfig,
-                     WeightAverage, make_optimizer, one_line, to_unit)
+                     get_param_groups, one_line, to_unit)
 
 # -----------------------------------------------------------------------------
 # Command lines: argparse types (a bad value exits 2 with one line), the model's flags
@@ -93,12 +93,9 @@ def add_model_args(parser):
 NUM_CLASSES = 10   # MNIST's digits, CIFAR-10's classes: the labels of --conditional
 
 
-def grid_labels(config, per_class, device):
-    """The labels of a sample grid of a class-conditional model, `per_class` of each class in a row each:
-    (K * per_class,); None for an unconditional model."""
-    if not config.num_classes:
-        return None
-    return torch.arange(config.num_classes, device=device).repeat_interleave(per_class)
+def class_labels(classes, per_class, device=None):
+    """Labels for a class-conditional model's images: `per_class` of each of `classes` in turn, (K * per_class,)."""
+    return torch.tensor(list(classes), device=device).repeat_interleave(per_class)
 
 
 def config_from_args(args):
@@ -383,22 +380,53 @@ def open_checkpoint(prog, args):
         die(prog, e)
 
 
+def check_resumable(ckpt, model, path, flags, recipes, state_fields):
+    """A one-line CheckpointError unless everything a resume takes from `ckpt` is there, of the right kind and
+    finite: the flags in `flags` ({name: a value of its parsed type, or None for a list of ints or None}), a recipe
+    of `recipes`, the run id, the training state (numbers, named `state_fields`), the trained weights and the
+    optimizer's state (loaded into `model`, a throwaway, and an Adam over its groups), and the random-number
+    states. `restore` then loads them without a check of its own."""
+    needed = ('train_model', 'optimizer', 'rng', 'state', 'args', 'run_id', 'data')
+    if not all(key in ckpt for key in needed):
+        raise CheckpointError(f'{path} holds weights but not the state to resume from (optimizer, step, random '
+                              f'numbers); sample.py and evaluate.py can use it, or start a new run')
+    try:
+        for key, example in flags.items():
+            value = ckpt['args'][key]
+            ints_or_none = value is None or isinstance(value, list) and all(isinstance(v, int) for v in value)
+            if not (ints_or_none if example is None else isinstance(value, type(example))):
+                raise TypeError(f'its flag {key} is {value!r}')
+        if ckpt['args']['recipe'] not in recipes or not isinstance(ckpt['run_id'], str):
+            raise ValueError('its recipe or run id is not one of this version')
+        state = ckpt['state']
+        if sorted(state) != sorted(state_fields) or not all(type(v) in (int, float) for v in state.values()):
+            raise ValueError(f'its training state is not {", ".join(state_fields)} as numbers')
+        model.load_state_dict(ckpt['train_model'])
+        torch.optim.Adam(get_param_groups(model, 0.0)).load_state_dict(ckpt['optimizer'])
+        if not all(torch.is_tensor(r['cpu']) and r['cpu'].dtype == torch.uint8 for r in ckpt['rng']):
+            raise ValueError('its random-number states are not torch\'s')
+        floating = sum(b.numel() for b in model.buffers() if b.is_floating_point())
+        if not all(torch.is_tensor(flat) and flat.numel() == floating for flat in ckpt.get('rank_buffers') or []):
+            raise ValueError('its per-rank batch-norm statistics are not the model\'s')
+        bad = non_finite_tensor({k: ckpt[k] for k in ('train_model', 'optimizer')})
+        if bad is not None:
+            raise ValueError(f'{bad} holds NaN or infinite values')
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(f'{path} cannot be resumed: {one_line(e)}; sample.py and evaluate.py can use its '
+                              f'weights, or start a new run') from None
+
+
 def restore(ckpt, model, average, optimizer, rank, device):
-    """Load a checkpoint's trained weights and weight average, optimizer and this rank's RNG; returns its training
-    state (TrainState's fields), with the epoch's totals so far on rank 0 alone: they are saved summed over the
-    ranks."""
+    """Load a checkpoint that `check_resumable` passed: the trained weights and the weight average, the optimizer,
+    this rank's batch-norm statistics and RNG; returns its training state (TrainState's fields), with the epoch's
+    totals so far on rank 0 alone: they are saved summed over the ranks."""
     model.load_state_dict(ckpt['train_model'])
     average.model.load_state_dict(ckpt['model'])
     optimizer.load_state_dict(ckpt['optimizer'])
-    if [len(g['params']) for g in ckpt['optimizer']['param_groups']] != [len(g['params'])
-                                                                         for g in optimizer.param_groups]:
-        raise ValueError('its optimizer groups are not the model\'s')
     rank_buffers = ckpt.get('rank_buffers')   # a run of several processes: each rank's own statistics
     if rank_buffers:
         floating = [b for b in model.buffers() if b.is_floating_point()]
         flat = rank_buffers[min(rank, len(rank_buffers) - 1)]
-        if not isinstance(flat, torch.Tensor) or flat.numel() != sum(b.numel() for b in floating):
-            raise ValueError('its per-rank batch-norm statistics are not the model\'s')
         with torch.no_grad():
             for b, part in zip(floating, flat.split([b.numel() for b in floating])):
                 b.copy_(part.view_as(b))
@@ -407,32 +435,9 @@ def restore(ckpt, model, average, optimizer, rank, device):
     if device.type == 'cuda' and rng['cuda'] is not None:
         torch.cuda.set_rng_state(rng['cuda'], device)
     state = dict(ckpt['state'])
-    if not all(isinstance(value, (int, float)) for value in state.values()):
-        raise TypeError('its training state holds values that are not numbers')
     if rank > 0:
         state['epoch_loss'] = state['epoch_count'] = 0.0
     return state
-
-
-def check_resumable(ckpt, model, path, flags, recipes):
-    """A one-line ValueError unless everything a resume takes from `ckpt` is there: the flags in `flags` ({name:
-    a value of the type it has, or None for a list of ints or None}), a recipe of `recipes`, and what `restore`
-    loads (tried on a copy of the model), with finite values."""
-    try:
-        for key, example in flags.items():
-            value = ckpt['args'][key]
-            if (not isinstance(value, type(example)) if example is not None else
-                    not (value is None or isinstance(value, list) and all(isinstance(v, int) for v in value))):
-                raise TypeError(f'its flag {key} is {value!r}')
-        if ckpt['args']['recipe'] not in recipes or not isinstance(ckpt['run_id'], str):
-            raise ValueError('its recipe or run id is not one of this version')
-        restore(ckpt, model, WeightAverage(model, 0.0), make_optimizer(model, 1e-3, 0.0), 0, torch.device('cpu'))
-        bad = non_finite_tensor({k: ckpt[k] for k in ('train_model', 'optimizer')})
-        if bad is not None:
-            raise ValueError(f'{bad} holds NaN or infinite values')
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as e:
-        raise CheckpointError(f'{path} cannot be resumed: {one_line(e)}; sample.py and evaluate.py can use its '
-                              f'weights, or start a new run') from None
 
 
 def checkpoint_dataset(ckpt, train=False, data_dir=None):

@@ -8,17 +8,16 @@ notebook (Lecture 8: Normalizing Flows):
     3. coupling                  CouplingLayer, BatchNormFlow
     4. multi-scale model         RealNVPConfig, Scale, ClassPrior (a class-conditional prior), RealNVP
     5. loss and optimisation     RealNVPLoss, nll_terms, bits_per_dim, nll_per_image, class_nll,
-                                 get_param_groups, WeightAverage, refresh_batch_norm, SkipGuard, train_step
+                                 get_param_groups
     6. data                      ImageDataset (MNIST, CIFAR-10), DataNotFoundError
     7. judging samples           DigitJudge (a digit classifier), frechet_distance
 
-What only the scripts need (checkpoints, run folders, devices, command lines) is in plumbing.py.
+How a run trains it (the step, the weight average, the batch-norm refresh) is in train.py; what the scripts
+share (checkpoints, run folders, devices, command lines) is in plumbing.py.
 
 Direction convention, everywhere: `reverse=False` maps data -> latent and adds
 log|det J| to `sldj`; `reverse=True` maps latent -> data and leaves `sldj` alone.
 """
-import copy
-import functools
 import gzip
 import math
 import os
@@ -68,45 +67,21 @@ class MaskType(IntEnum):
     CHANNEL_WISE = 1
 
 
-@functools.lru_cache(maxsize=64)
 def checkerboard_mask(height, width, reverse=False, dtype=torch.float32, device=None):
-    """(1, 1, height, width) mask of alternating 0/1 with 0 top-left (1 top-left if `reverse`). Made once for
-    each shape, dtype and device (it is never written to), not five launches in every coupling's every pass;
-    outside inference mode, so that a mask first made under it can still take part in training."""
-    with torch.inference_mode(False):
-        i = torch.arange(height, device=device).view(-1, 1)
-        j = torch.arange(width, device=device).view(1, -1)
-        return ((i + j + int(reverse)) % 2).to(dtype).view(1, 1, height, width)
+    """(1, 1, height, width) mask of alternating 0/1 with 0 top-left (1 top-left if `reverse`)."""
+    i = torch.arange(height, device=device).view(-1, 1)
+    j = torch.arange(width, device=device).view(1, -1)
+    return ((i + j + int(reverse)) % 2).to(dtype).view(1, 1, height, width)
 
 
 # -----------------------------------------------------------------------------
 # 2. The s/t networks: weight-normed ResNets (paper Section 4.1)
 
 
-def _weight_norm(g, v):
-    """g * v / ||v||, the norm over every dim but the first (one per output channel). `torch._weight_norm` is
-    private, but it is the fused kernel that torch's public `parametrizations.weight_norm` runs: one launch
-    instead of four, and the same numbers as the lecture's parametrized layers. A convolution weight is stored
-    channels-last (see RealNVP), so the kernel runs on its (out, kh, kw, in) view, which is contiguous: no copy
-    in or out, forward or backward."""
-    if v.dim() == 4:
-        return torch._weight_norm(v.permute(0, 2, 3, 1), g, 0).permute(0, 3, 1, 2)
-    return torch._weight_norm(v, g, 0)
-
-
-def weight_normed(convs, dtype):
-    """[(weight, bias)] of same-shaped WNConv2d layers, computed together and cast once to `dtype` (the
-    activations' dtype, bf16 under autocast): one concatenation, one weight norm and one cast for all of them,
-    where each layer alone costs a weight norm and, under autocast, two casts, forward and backward. The
-    arithmetic is the same."""
-    # each weight as (out, kh * kw * in): its channels-last memory as it lies, so no copy either way
-    v = torch.cat([c.weight_v.permute(0, 2, 3, 1).reshape(len(c.weight_v), -1) for c in convs])
-    g = torch.cat([c.weight_g.reshape(-1, 1) for c in convs])
-    shape = convs[0].weight_v.permute(0, 2, 3, 1).shape   # (out, kh, kw, in)
-    weights = [w.view(shape).permute(0, 3, 1, 2) for w in _weight_norm(g, v).to(dtype).chunk(len(convs))]
-    with_bias = [c.bias for c in convs if c.bias is not None]
-    biases = iter(torch.cat(with_bias).to(dtype).chunk(len(with_bias)) if with_bias else ())
-    return [(w, next(biases) if c.bias is not None else None) for w, c in zip(weights, convs)]
+def weight_norm(g, v):
+    """W = g * v / ||v||, the norm over every dim but the first: one scale g per output channel (Salimans &
+    Kingma 2016), what torch's `parametrizations.weight_norm` computes."""
+    return v * (g / torch.linalg.vector_norm(v, dim=tuple(range(1, v.dim())), keepdim=True))
 
 
 class Rescale(nn.Module):
@@ -118,15 +93,14 @@ class Rescale(nn.Module):
         self.weight_v = nn.Parameter(torch.ones(num_channels, 1, 1))
 
     def forward(self, x):
-        return _weight_norm(self.weight_g, self.weight_v) * x
+        return weight_norm(self.weight_g, self.weight_v) * x
 
 
 class WNConv2d(nn.Module):
     """Weight-normalised convolution, W = g * V / ||V|| per output channel (Salimans & Kingma 2016).
 
-    W is computed in `forward` from plain parameters (bias, weight_g, weight_v, initialised as
-    `parametrizations.weight_norm` initialises them): one class for all convolutions, so torch.compile
-    traces one graph for them, not one per parametrized convolution."""
+    The lecture wraps an nn.Conv2d in `parametrizations.weight_norm`; here g (`weight_g`) and V (`weight_v`) are
+    the layer's own parameters, initialised as that wrapper initialises them, and W is computed in `forward`."""
 
     def __init__(self, in_channels, out_channels, kernel_size, padding, bias=True):
         super().__init__()
@@ -134,12 +108,10 @@ class WNConv2d(nn.Module):
         self.padding = padding
         self.bias = nn.Parameter(conv.bias.detach()) if bias else None
         self.weight_g = nn.Parameter(conv.weight.detach().flatten(1).norm(dim=1).view(-1, 1, 1, 1))  # (out, 1, 1, 1)
-        self.weight_v = nn.Parameter(conv.weight.detach())
+        self.weight_v = nn.Parameter(conv.weight.detach())                                 # (out, in, k, k)
 
-    def forward(self, x, weight_and_bias=None):
-        """`weight_and_bias`: this layer's, when `weight_normed` computed them with others'."""
-        weight, bias = weight_and_bias or (_weight_norm(self.weight_g, self.weight_v), self.bias)
-        return F.conv2d(x, weight, bias, padding=self.padding)
+    def forward(self, x):
+        return F.conv2d(x, weight_norm(self.weight_g, self.weight_v), self.bias, padding=self.padding)
 
 
 class ResidualBlock(nn.Module):
@@ -152,13 +124,11 @@ class ResidualBlock(nn.Module):
         self.out_norm = nn.BatchNorm2d(channels)
         self.out_conv = WNConv2d(channels, channels, kernel_size=3, padding=1, bias=True)
 
-    def forward(self, x, weights=(None, None)):
-        """`weights`: the two convolutions' (weight, bias), when computed with others' (`weight_normed`)."""
-        # In place where autograd allows it (batch norm keeps its input, not its output; a convolution keeps
-        # its input): a new channels-last tensor per ReLU costs as much as the batch norm before it on a CPU.
-        h = self.in_conv(F.relu(self.in_norm(x), inplace=True), weights[0])
-        h = self.out_conv(F.relu(self.out_norm(h), inplace=True), weights[1])
-        return h.add_(x)
+    def forward(self, x):
+        skip = x
+        x = self.in_conv(F.relu(self.in_norm(x)))
+        x = self.out_conv(F.relu(self.out_norm(x)))
+        return x + skip
 
 
 LABEL_GAIN = 100.0
@@ -193,22 +163,16 @@ class ResNet(nn.Module):
         x = self.in_norm(x)
         if self.double_after_norm:
             x = 2.0 * x
-        # NHWC from here on: faster convolutions and batch norms on CPU and GPU. Made after the cat, not before:
-        # a 1-channel image's strides are NCHW and NHWC at once, torch.cat returns NCHW for it, and every layer
-        # after the first convolution follows its input's layout, backward too (about 8% slower on a CPU).
+        # channels-last from here on: the convolutions and batch norms run faster in that layout, CPU and GPU
         x = torch.cat((x, -x), dim=1).contiguous(memory_format=torch.channels_last)  # (B, 2C, H, W)
-        x = F.relu(x, inplace=True)
-        x = self.in_conv(x)   # (B, mid, H, W), in the dtype autocast chose
+        x = self.in_conv(F.relu(x))                                                  # (B, mid, H, W)
         if self.class_bias is not None:
-            x.add_((LABEL_GAIN * self.class_bias[labels]).to(x.dtype)[:, :, None, None])   # + (B, mid, 1, 1)
-        # the blocks' 3x3 and the skips' 1x1 convolutions: their weights computed together, a few launches each
-        block_weights = weight_normed([conv for b in self.blocks for conv in (b.in_conv, b.out_conv)], x.dtype)
-        skip_weights = weight_normed([self.in_skip, *self.skips], x.dtype)
-        x_skip = self.in_skip(x, skip_weights[0])
-        for i, (block, skip) in enumerate(zip(self.blocks, self.skips)):
-            x = block(x, block_weights[2 * i:2 * i + 2])
-            x_skip.add_(skip(x, skip_weights[i + 1]))
-        return self.out_conv(F.relu(self.out_norm(x_skip), inplace=True))
+            x = x + (LABEL_GAIN * self.class_bias[labels]).to(x.dtype)[:, :, None, None]   # + (B, mid, 1, 1)
+        x_skip = self.in_skip(x)
+        for block, skip in zip(self.blocks, self.skips):
+            x = block(x)
+            x_skip = x_skip + skip(x)
+        return self.out_conv(F.relu(self.out_norm(x_skip)))
 
 
 # -----------------------------------------------------------------------------
@@ -360,18 +324,16 @@ class RealNVPConfig:
         return cls(**{'flow_norm': False, 't_bound': 0.0, **settings})
 
     def __post_init__(self):
-        for name in ('in_channels', 'img_size', 'num_scales', 'mid_channels', 'num_blocks'):
+        for name in ('in_channels', 'img_size', 'num_scales', 'mid_channels', 'num_blocks', 'num_classes'):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f'{name} must be a positive integer, got {value!r}')
-        if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 0:
-            raise ValueError(f'num_classes must be an integer >= 0 (0: unconditional), got {self.num_classes!r}')
-        if not isinstance(self.flow_norm, bool):
+            if type(value) is not int or value < (name != 'num_classes'):   # num_classes 0: unconditional
+                what = 'an integer >= 0' if name == 'num_classes' else 'a positive integer'
+                raise ValueError(f'{name} must be {what}, got {value!r}')
+        if type(self.flow_norm) is not bool:
             raise ValueError(f'flow_norm must be True or False, got {self.flow_norm!r}')
-        if (not isinstance(self.t_bound, (int, float)) or isinstance(self.t_bound, bool)
-                or not 0.0 <= self.t_bound < math.inf):
+        if type(self.t_bound) not in (int, float) or not 0.0 <= self.t_bound < math.inf:
             raise ValueError(f't_bound must be a finite number >= 0 (0: unbounded), got {self.t_bound!r}')
-        if not isinstance(self.data_constraint, float) or not 0.0 < self.data_constraint < 1.0:
+        if type(self.data_constraint) is not float or not 0.0 < self.data_constraint < 1.0:
             raise ValueError(f'data_constraint must lie in (0, 1), got {self.data_constraint!r}')
         factor = 2 ** (self.num_scales - 1)
         if self.img_size % factor != 0 or self.img_size // factor < 2:
@@ -481,25 +443,27 @@ class RealNVP(nn.Module):
     def shape(self):
         return (self.config.in_channels, self.config.img_size, self.config.img_size)
 
-    def forward(self, x, reverse=False, noise=None, validate=True, labels=None):
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+    def forward(self, x, reverse=False, noise=None, labels=None):
         """data -> (z, sldj) with x in [0, 1]; or, with `reverse=True`, latent -> (logits, None).
 
-        `noise` is the dequantisation noise u in [0, 1) (drawn when None); `validate=False`
-        skips the input-range check, which costs a host sync, for data already checked. A class-conditional
-        model (num_classes > 0) takes each image's label as `labels` (B,), and its z is the prior's eps."""
+        `noise` is the dequantisation noise u in [0, 1) (drawn when None). A class-conditional model
+        (num_classes > 0) takes each image's label as `labels` (B,), and its z is the prior's eps."""
         if tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f'expected input of shape (B, {", ".join(map(str, self.shape))}), '
-                             f'got {tuple(x.shape)}')
+            raise ValueError(f'expected input of shape (B, {", ".join(map(str, self.shape))}), got {tuple(x.shape)}')
         if (labels is None) != (self.prior is None):
             raise ValueError('a class-conditional model needs labels, and an unconditional one takes none')
         if reverse:
             if self.prior is not None:
                 x = self.prior(x, None, labels, reverse=True)[0]
             return self.flows(x, None, reverse=True, labels=labels)
-        if validate:
-            lo, hi = x.min().item(), x.max().item()
-            if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
-                raise ValueError(f'expected pixels in [0, 1], got min {lo:.4g} and max {hi:.4g}')
         z, sldj = self.flows(*self.preprocess(x, noise), labels=labels)
         return (z, sldj) if self.prior is None else self.prior(z, sldj, labels)
 
@@ -533,8 +497,7 @@ class RealNVP(nn.Module):
     def sample(self, n, temperature=1.0, generator=None, labels=None):
         """n images in [0, 1], shape (n, C, H, W), from z ~ N(0, temperature^2 I) (for a class-conditional model,
         eps: the prior of each of `labels` (n,), with its spread scaled by the temperature)."""
-        param = next(self.parameters())
-        z = torch.randn((n, *self.shape), generator=generator, dtype=param.dtype, device=param.device)
+        z = torch.randn((n, *self.shape), generator=generator, dtype=self.dtype, device=self.device)
         return self.decode(temperature * z, labels=labels)
 
 
@@ -604,31 +567,20 @@ def to_unit(images):
 
 
 @torch.no_grad()
-def nll_per_image(model, images, batch_size=512, dequant_samples=1, terms=False, labels=None):
-    """NLL in nats of each uint8 image (N, C, H, W), in eval mode (the model's mode is restored); with
-    `terms=True`, the `nll_terms` of each image instead, {term: (N,)}, from one dequantisation draw. A
+def nll_per_image(model, images, batch_size=512, dequant_samples=1, labels=None):
+    """NLL in nats of each uint8 image (N, C, H, W), in eval mode (the model's mode is restored). A
     class-conditional model takes the images' `labels` (N,): -log p(x | y).
 
     With K = `dequant_samples` > 1 it is the importance-weighted bound -log mean_k p(x + u_k)
     (logsumexp over K dequantisation draws), which is no looser than K = 1."""
-    param = next(model.parameters())
-    if len(images) == 0:   # a process's share of a split smaller than the processes
-        return {} if terms else torch.zeros(0, device=param.device)
     loss_fn = RealNVPLoss(reduction='none')
-    parts = []
-    label_batches = labels.split(batch_size) if labels is not None else [None] * math.ceil(len(images) / batch_size)
+    parts = [torch.zeros(0, device=model.device)]   # a process's share of a split may be empty
     with in_mode(model, False):
-        for batch, y in zip(images.split(batch_size), label_batches):
-            x = to_unit(batch.to(param.device)).to(param.dtype)          # (b, C, H, W) in [0, 1]
-            if terms:
-                parts.append(nll_terms(model, x))
-                continue
-            y = None if y is None else y.to(param.device)
-            draws = torch.stack([loss_fn(*model(x, validate=False, labels=y))
-                                 for _ in range(dequant_samples)])         # (K, b)
+        for i in range(0, len(images), batch_size):
+            x = to_unit(images[i:i + batch_size].to(model.device)).to(model.dtype)   # (b, C, H, W) in [0, 1]
+            y = None if labels is None else labels[i:i + batch_size].to(model.device)
+            draws = torch.stack([loss_fn(*model(x, labels=y)) for _ in range(dequant_samples)])   # (K, b)
             parts.append(-(torch.logsumexp(-draws, dim=0) - math.log(dequant_samples)))
-    if terms:
-        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     return torch.cat(parts)
 
 
@@ -638,15 +590,14 @@ def class_nll(model, images, batch_size=512):
     mode, from one dequantisation draw per image shared by the K classes and one pass of the model per class
     (the couplings see the label). The Bayes classifier is its argmin (with a uniform p(y)); the marginal NLL
     is -logsumexp_y(-nll_y + log p(y))."""
-    param, loss_fn = next(model.parameters()), RealNVPLoss(reduction='none')
+    loss_fn = RealNVPLoss(reduction='none')
     parts = []
     with in_mode(model, False):
         for batch in images.split(batch_size):
-            x = to_unit(batch.to(param.device)).to(param.dtype)             # (b, C, H, W)
+            x = to_unit(batch.to(model.device)).to(model.dtype)             # (b, C, H, W)
             u = torch.rand_like(x)                                          # the same draw for every class
             labels = [torch.full((len(x),), y, device=x.device) for y in range(model.config.num_classes)]
-            parts.append(torch.stack([loss_fn(*model(x, noise=u, validate=False, labels=y)) for y in labels],
-                                     dim=1))                                # (b, K)
+            parts.append(torch.stack([loss_fn(*model(x, noise=u, labels=y)) for y in labels], dim=1))   # (b, K)
     return torch.cat(parts)
 
 
@@ -659,153 +610,6 @@ def get_param_groups(model, weight_decay):
     others = [p for p in model.parameters() if id(p) not in scale_ids]
     return [{'name': 'weight_norm_scales', 'params': scales, 'weight_decay': weight_decay},
             {'name': 'others', 'params': others, 'weight_decay': 0.0}]
-
-
-def make_optimizer(model, lr, weight_decay):
-    """Adam over `get_param_groups`, fused where PyTorch has a fused kernel (CUDA, CPU)."""
-    device = next(model.parameters()).device
-    return torch.optim.Adam(get_param_groups(model, weight_decay), lr=lr, fused=device.type in ('cuda', 'cpu'))
-
-
-class WeightAverage:
-    """Polyak averaging of a model's weights (Polyak & Juditsky 1992; as in Glow's and Flow++'s successors).
-
-    `model` is a full copy of the trained model whose parameters follow, after optimizer step t,
-        a <- d_t a + (1 - d_t) w,   d_t = min(decay, (1 + t) / (10 + t)),
-    so early on it averages over the few steps there are, later over about 1 / (1 - decay) steps.
-    With decay 0 it is the trained weights. Its batch-norm statistics are not averaged: set them
-    with `refresh_batch_norm` (or copy the trained model's) before using it.
-
-    Not `torch.optim.swa_utils.AveragedModel`: its update asks the host whether it has averaged before (a sync
-    every step on a GPU), copies every buffer every step, and makes its first average the weights of that step,
-    not of the start. `torch._foreach_lerp_` (private) is the one-launch form of `torch.lerp` over all
-    parameters that torch's own optimizers use."""
-
-    def __init__(self, model, decay):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f'the weight average\'s decay must lie in [0, 1), got {decay!r}')
-        self.decay = decay
-        self.model = copy.deepcopy(model).requires_grad_(False)
-        self.averaged = list(self.model.parameters())   # listed once: on a GPU, listing them each step costs more
-        self.followed = None                              # than the update ((model, its parameters) once seen)
-
-    @torch.no_grad()
-    def update(self, model, step, bad=None):
-        """One step of the average; `bad` (a 0-dim tensor, 1 for a skipped step) leaves it as it was, without
-        asking the host."""
-        if self.followed is None or self.followed[0] is not model:
-            self.followed = (model, [p.detach() for p in model.parameters()])
-        d = min(self.decay, (1 + step) / (10 + step))
-        weight = 1.0 - d if bad is None else (1.0 - bad) * (1.0 - d)
-        torch._foreach_lerp_(self.averaged, self.followed[1], weight)
-
-
-def batch_norms(model):
-    """Every layer of `model` that keeps running statistics: the s/t nets' batch norms and the flow's."""
-    return [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, BatchNormFlow))]
-
-
-@torch.no_grad()
-def refresh_batch_norm(model, batches):
-    """Recompute every batch-norm running statistic of `model` for its current weights: the plain average
-    of the batch statistics over `batches` ((x in [0, 1], noise u, labels or None) triples), in train mode
-    without gradients. Eval mode then uses statistics of these weights, not an exponential average over weights
-    long gone.
-
-    Not `torch.optim.swa_utils.update_bn`: it calls `model(input)` without the dequantisation noise, which must
-    come from the caller's generator (so that the training random numbers are not touched), and it knows only
-    torch's own batch norms, not the flow's."""
-    norms = batch_norms(model)
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-    try:
-        with in_mode(model, True):
-            for k, (x, noise, labels) in enumerate(batches, start=1):
-                for m in norms:   # the k-th batch's share of a plain average: what momentum=None gives, without
-                    m.momentum = 1.0 / k   # nn.BatchNorm2d reading its batch count back from the device
-                model.flows(*model.preprocess(x, noise), labels=labels)   # a class prior has no statistics
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-
-
-class SkipGuard:
-    """What a training step does after its backward pass: clip the gradient norm, decide whether the step is bad
-    (a non-finite loss or gradient, on any process: `reduce_max` takes the maximum over processes), put the
-    batch-norm buffers (`model`'s) back if it is, and step the optimizer unless it is.
-
-    A fused Adam (CUDA, CPU) reads the decision from `found_inf`, one device buffer kept for the whole run, and
-    leaves weights and moments untouched when it is 1, so nothing here asks the host; any other optimizer asks
-    it whether to step. `compile=True` compiles the two halves around the processes' agreement (clip and
-    decide; put back and hand over the decision), with CUDA graphs on CUDA. The optimizer step itself stays
-    outside: torch does not trace into fused optimizers (it is one multi-tensor launch per parameter group)."""
-
-    def __init__(self, model, optimizer, max_grad_norm, reduce_max=lambda t: t, compile=False):
-        self.optimizer, self.max_grad_norm, self.reduce_max = optimizer, max_grad_norm, reduce_max
-        self.buffers = {}   # {dtype: [buffer]}: saved and put back a few launches a dtype, not several a buffer
-        for buffer in model.buffers():
-            self.buffers.setdefault(buffer.dtype, []).append(buffer)
-        self.params = [p for g in optimizer.param_groups for p in g['params']]
-        self.fused = bool(optimizer.defaults.get('fused'))
-        if self.fused:   # read by the fused kernel itself: the one documented way to skip without a sync
-            optimizer.found_inf = torch.zeros((), device=self.params[0].device)
-        self.check, self.commit = self._check, self._commit
-        if compile:
-            # What the compiled commit writes into is kept at one address for the whole run, and says so: CUDA
-            # graphs replay writes to such inputs and skip a function whose other inputs it mutates.
-            # (torch._dynamo.mark_static_address is private; torch.compile documents no public equivalent.)
-            for tensor in [*(b for group in self.buffers.values() for b in group),
-                           *([optimizer.found_inf] if self.fused else [])]:
-                torch._dynamo.mark_static_address(tensor)
-            mode = 'reduce-overhead' if self.params[0].is_cuda else None
-            self.check, self.commit = (torch.compile(f, mode=mode, dynamic=False)
-                                       for f in (self._check, self._commit))
-
-    def set_lr(self, lr):
-        for group in self.optimizer.param_groups:
-            group['lr'] = lr
-
-    def snapshot(self):
-        """The buffers as they are before a step: one flat copy per dtype."""
-        return [torch.cat([b.reshape(-1) for b in group]) for group in self.buffers.values()]
-
-    def step(self, loss, before):
-        """Returns bad: 1.0 when the step was skipped, as a 0-dim device tensor."""
-        bad = self.reduce_max(self.check(loss))
-        self.commit(bad, self.buffers, before)
-        if self.fused or not bad.item():
-            self.optimizer.step()
-        return bad
-
-    def _check(self, loss):
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        return (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
-
-    def _commit(self, bad, buffers, before):
-        # torch.where, not a lerp by `bad`: a bad step can leave NaN in the statistics, and 0 * NaN is NaN.
-        # torch._foreach_copy_ (private) is the multi-tensor copy: one launch for the group, not one a buffer.
-        skip = bad > 0
-        for group, old in zip(buffers.values(), before):
-            now = torch.where(skip, old, torch.cat([b.reshape(-1) for b in group]))
-            torch._foreach_copy_(group, [part.view_as(b) for part, b in zip(now.split([b.numel() for b in group]),
-                                                                                   group)])
-        if self.fused:
-            self.optimizer.found_inf.copy_(bad)
-
-
-def train_step(model, guard, loss_fn, x, autocast, labels=None):
-    """One optimizer step: a non-finite loss or gradient skips the update (a `SkipGuard`) and leaves every piece
-    of state (weights, optimizer moments, batch-norm statistics) as it was. Returns (loss, bad) as 0-dim device
-    tensors. `labels`: the batch's, for a class-conditional model."""
-    before = guard.snapshot()
-    with autocast:
-        z, sldj = model(x, validate=False, labels=labels)
-    loss = loss_fn(z.float(), sldj.float())
-    guard.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    loss = loss.detach()
-    return loss, guard.step(loss, before)
 
 
 # -----------------------------------------------------------------------------

@@ -122,7 +122,7 @@ def main(argv=None):
                        'with more memory')
     except ValueError as error:
         P.die('sample.py', error)
-    device = next(model.parameters()).device
+    device = model.device
     torch.manual_seed(args.seed)
     if args.interpolate:
         try:
@@ -141,7 +141,7 @@ def main(argv=None):
         nrow = args.steps
     else:
         generator = torch.Generator(device=device).manual_seed(args.seed)
-        labels = torch.tensor(args.digit or range(classes), device=device).repeat_interleave(args.n) if classes else None
+        labels = P.class_labels(args.digit or range(classes), args.n, device) if classes else None
         images = model.sample(args.n if labels is None else len(labels), args.temperature, generator, labels)
         nrow = math.ceil(math.sqrt(args.n)) if labels is None else args.n
     if not torch.isfinite(images).all():

@@ -185,12 +185,12 @@ def test_bench_times_a_conditional_model_against_the_same_without_labels():
 
 
 def test_time_to_reach_interpolates_between_points_and_says_when_a_curve_never_gets_there():
-    import bench
+    import time_to_bpd
     points = [(10, 60.0, 5.0), (20, 120.0, 3.0), (30, 180.0, 3.5)]
-    assert bench.time_to_reach(points, 4.0) == 90.0     # halfway from 5.0 to 3.0
-    assert bench.time_to_reach(points, 3.2) == pytest.approx(114.0, abs=1e-9)
-    assert bench.time_to_reach(points, 6.0) == 60.0     # already there at the first point
-    assert bench.time_to_reach(points, 2.9) is None
+    assert time_to_bpd.time_to_reach(points, 4.0) == 90.0     # halfway from 5.0 to 3.0
+    assert time_to_bpd.time_to_reach(points, 3.2) == pytest.approx(114.0, abs=1e-9)
+    assert time_to_bpd.time_to_reach(points, 6.0) == 60.0     # already there at the first point
+    assert time_to_bpd.time_to_reach(points, 2.9) is None
 
 
 @pytest.mark.slow
@@ -202,8 +202,8 @@ def test_time_to_bpd_trains_the_lecture_code_and_both_recipes_the_recipes_as_tra
     from conftest import assert_same_weights
     out = tmp_path / 'curves'
     tiny = ['--image-size', 8, '--mid-channels', 4, '--num-blocks', 1, '--batch-size', 16, '--num-threads', 1]
-    args = ['--time-to-bpd', out, '--data-dir', data_dir, '--lecture', NOTEBOOK, '--curve-steps', 3, 9, *tiny]
-    result = script('bench.py', *args, '--json')
+    args = [out, '--data-dir', data_dir, '--lecture', NOTEBOOK, '--steps', 3, 9, *tiny]
+    result = script('time_to_bpd.py', *args)
     assert result.returncode == 0, result.stderr
     r = json.loads(result.stdout)
     assert set(r['curves']) == {'lecture code', '--recipe lecture', '--recipe default'}
@@ -220,6 +220,6 @@ def test_time_to_bpd_trains_the_lecture_code_and_both_recipes_the_recipes_as_tra
                        '--seed', '0', '--no-amp', *map(str, tiny)]) == 0
     assert_same_weights(os.path.join(whole, 'last.pt'), out / 'recipe-default' / 'last.pt')
     before = open(out / 'time_to_bpd.json').read()
-    again = script('bench.py', *args)
-    assert again.returncode == 2 and 'already holds' in again.stderr.strip().splitlines()[-1]
+    again = script('time_to_bpd.py', *args)
+    assert again.returncode == 2 and 'exists' in again.stderr.strip().splitlines()[-1]
     assert open(out / 'time_to_bpd.json').read() == before

@@ -137,7 +137,7 @@ BAD_INPUT = [
     ('bench.py', ['--image-size', '10', '--num-scales', '3'], 2, ['image size 10']),
     ('train.py', ['--lr-decay', '1.5'], 2, ['--lr-decay', '[0, 1)']),
     ('train.py', ['--resume', '{run}/last.pt', '--lr-decay', '0.5'], 2, ['--lr-decay differs']),
-    ('bench.py', ['--summarize', '{tmp}/no-check'], 2, ['no stages.tsv', 'gpu_check.sh']),
+    ('time_to_bpd.py', ['{tmp}', '--lecture', '{tmp}/none.txt'], 2, ['--lecture', 'no such file']),
     # a checkpoint with a NaN weight is refused everywhere, and never blamed on --lr
     ('sample.py', ['--ckpt', '{nonfinite}'], 1, ['not finite', 'in_norm']),
     ('evaluate.py', ['--ckpt', '{nonfinite}', '--data-dir', '{data}'], 1, ['not finite']),
@@ -189,7 +189,7 @@ BAD_INPUT = [
     ('sample.py', ['--ckpt', '{best}', '--scale', '3000'], 2, ['GB', '--scale']),
     ('bench.py', ['--batch-size', '1000000000'], 2, ['GB', '--batch-size']),
     ('sample.py', ['--ckpt', '{huge}'], 1, ['GB', 'another checkpoint']),
-    ('bench.py', ['--summarize', '{shortstages}'], 2, ['not a stages.tsv']),
+    ('time_to_bpd.py', ['{tmp}', '--lecture', '{best}'], 2, ['exists']),
 ]
 
 
@@ -226,10 +226,8 @@ def bad_files(full_run, data_dir, tmp_path_factory):
     huge = load(best)
     huge['config']['mid_channels'] = 100000
     torch.save(huge, tmp / 'huge.pt')
-    (tmp / 'shortstages').mkdir()
-    (tmp / 'shortstages' / 'stages.tsv').write_text('stage\texit\tseconds\tlimit\ncopy\t0\n')
     return dict(badmetrics=str(badmetrics), lockdir=str(tmp / 'lockdir'), huge=str(tmp / 'huge.pt'),
-                shortstages=str(tmp / 'shortstages'), best=best, run=full_run, data=data_dir, tmp=str(tmp),
+                best=best, run=full_run, data=data_dir, tmp=str(tmp),
                 corrupt=str(tmp / 'corrupt.pt'),
                 misfit=str(tmp / 'misfit.pt'), empty=str(tmp / 'empty'), nonfinite=str(tmp / 'nonfinite.pt'),
                 weightsonly=str(tmp / 'weightsonly.pt'), afile=str(tmp / 'afile'), badgz=badgz, notest=notest,

@@ -15,20 +15,23 @@ Each run writes to its own folder: config.json, train.log, metrics.csv, curves.p
 samples_epochNNN.png, last.pt and best.pt (by test bpd).
 """
 import argparse
+import copy
 import math
 import os
 import sys
 import time
 import uuid
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
+import torch.nn as nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import plumbing as P
-from realnvp import (DATASETS, RealNVP, RealNVPConfig, RealNVPLoss, SkipGuard, WeightAverage, bits_per_dim,
-                     make_optimizer, nll_per_image, refresh_batch_norm, to_unit, train_step)
+from realnvp import (DATASETS, BatchNormFlow, RealNVP, RealNVPConfig, RealNVPLoss, bits_per_dim, get_param_groups,
+                     in_mode, nll_per_image, to_unit)
 
 # The two recipes, each complete: every training setting and the model it trains.
 RECIPES = {
@@ -156,12 +159,9 @@ def parse_args(argv=None):
 def resume_settings(args, given):
     """With --resume: load the checkpoint, refuse changed FROZEN flags, take FROZEN and KEPT ones from it."""
     model, ckpt = P.load_checkpoint(args.resume)  # one-line errors for a missing, corrupt or misfitting file
-    if not all(key in ckpt for key in ('train_model', 'optimizer', 'rng', 'state', 'args', 'run_id', 'data')):
-        raise ValueError(f'{args.resume} holds weights but not the state to resume from (optimizer, step, random '
-                         f'numbers); sample.py and evaluate.py can use it, or start a new run')
     defaults = {**vars(build_parser().parse_args([])), 'amp': True}   # the types the flags have once parsed
     P.check_resumable(ckpt, model, args.resume, {k: defaults[k] for k, p in RESUME_POLICY.items() if p != PER_RUN},
-                      RECIPES)
+                      RECIPES, [f.name for f in fields(TrainState)])
     saved = ckpt['args']
     for key, policy in RESUME_POLICY.items():
         if policy == FROZEN and key in given and getattr(args, key) != saved[key]:
@@ -186,6 +186,7 @@ class TrainState:
     skipped: int = 0          # non-finite steps skipped so far
     epoch_loss: float = 0.0   # the current epoch's summed loss (nats x images) and image count, for a
     epoch_count: float = 0.0  # resume in the middle of an epoch
+    seconds: float = 0.0      # spent in the training loop so far (evaluations and checkpoints aside)
 
 
 class Stop(Exception):
@@ -211,6 +212,104 @@ def epoch_order(n, seed, epoch, steps, batch_size, dist):
 
 
 # -----------------------------------------------------------------------------
+# The training step, the weight average and the batch-norm refresh
+
+
+def make_optimizer(model, lr, weight_decay):
+    """Adam over the lecture's `get_param_groups`, fused where PyTorch has a fused kernel (CUDA, CPU)."""
+    return torch.optim.Adam(get_param_groups(model, weight_decay), lr=lr, fused=model.device.type in ('cuda', 'cpu'))
+
+
+class SkipGuard:
+    """A step whose loss or gradient is not finite, on any process (`reduce_max` takes the maximum over them),
+    changes nothing: not the weights, not Adam's moments, not the batch-norm statistics its forward pass moved.
+    Deciding costs one host sync a step."""
+
+    def __init__(self, model, optimizer, max_grad_norm, reduce_max=lambda t: t):
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+        self.reduce_max = reduce_max
+        self.params = [p for group in optimizer.param_groups for p in group['params']]
+        self.buffers = {}   # {dtype: [buffer]}: each dtype's saved as one flat copy, a launch or two a step
+        for buffer in model.buffers():
+            self.buffers.setdefault(buffer.dtype, []).append(buffer)
+
+    def snapshot(self):
+        return [torch.cat([b.reshape(-1) for b in group]) for group in self.buffers.values()]
+
+    def step(self, loss, before):
+        """Clip the gradient norm, then step, or put the statistics back; returns True for a skipped step."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        bad = self.reduce_max((~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float())
+        if not bad.item():
+            self.optimizer.step()
+            return False
+        with torch.no_grad():
+            for group, old in zip(self.buffers.values(), before):
+                for buffer, part in zip(group, old.split([b.numel() for b in group])):
+                    buffer.copy_(part.view_as(buffer))
+        return True
+
+
+def train_step(net, guard, loss_fn, x, autocast, labels=None):
+    """One optimizer step of `net` (the model, or its DDP or compiled wrapper) on images x in [0, 1]: the s/t
+    networks under `autocast`, the loss in fp32. Returns (the loss as a 0-dim tensor, whether it was skipped)."""
+    before = guard.snapshot()
+    with autocast:
+        z, sldj = net(x, labels=labels)
+    loss = loss_fn(z.float(), sldj.float())
+    guard.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    loss = loss.detach()
+    return loss, guard.step(loss, before)
+
+
+class WeightAverage:
+    """Polyak averaging of a model's weights (Polyak & Juditsky 1992). `model` is a copy of the trained model whose
+    parameters follow, after optimizer step t,
+        a <- d_t a + (1 - d_t) w,   d_t = min(decay, (1 + t) / (10 + t)),
+    so early on it averages over the few steps there are, later over about 1 / (1 - decay) steps. With decay 0 it
+    is the trained weights. Its batch-norm statistics are not averaged: `refresh_batch_norm` sets them.
+
+    torch's `swa_utils.AveragedModel` takes the weights of its first update as they are and has no warm-up; its
+    EMA update function is used as it is."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).requires_grad_(False)
+
+    def update(self, model, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        get_ema_multi_avg_fn(d)(list(self.model.parameters()), list(model.parameters()), None)
+
+
+def batch_norms(model):
+    """Every layer of `model` that keeps running statistics: the s/t nets' batch norms and the flow's."""
+    return [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, BatchNormFlow))]
+
+
+@torch.no_grad()
+def refresh_batch_norm(model, batches):
+    """Recompute every batch-norm running statistic of `model` for its current weights: the plain average of the
+    batch statistics over `batches` ((x in [0, 1], noise u, labels or None) triples), in train mode without
+    gradients. Not `torch.optim.swa_utils.update_bn`: it calls `model(input)` without the dequantisation noise,
+    which must come from the caller's generator, and knows only torch's own batch norms, not the flow's."""
+    norms = batch_norms(model)
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+    try:
+        with in_mode(model, True):
+            for k, (x, noise, labels) in enumerate(batches, start=1):
+                for m in norms:   # the k-th batch's share of a plain average, as momentum=None gives it
+                    m.momentum = 1.0 / k
+                model.flows(*model.preprocess(x, noise), labels=labels)   # a class prior has no statistics
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+
+
+# -----------------------------------------------------------------------------
 # The run: train epochs, end each one (evaluate, checkpoint, log), stop
 
 
@@ -218,8 +317,8 @@ class Trainer:
     def __init__(self, args, run, dist, data, model, average, optimizer, state):
         self.args, self.run, self.dist, self.data, self.state = args, run, dist, data, state
         self.model, self.average = model, average
-        self.guard = SkipGuard(model, optimizer, args.max_grad_norm, dist.reduce_max, compile=args.compile)
-        net = dist.wrap(model)   # after the guard made the buffers views: DDP keeps a list of them
+        self.guard = SkipGuard(model, optimizer, args.max_grad_norm, dist.reduce_max)
+        net = dist.wrap(model)
         self.net = P.compile_model(net, dist.device) if args.compile else net
         self.autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
         self.rows = run.read_metrics(state.epoch)
@@ -264,45 +363,47 @@ class Trainer:
 
     def train_epoch(self, interrupt):
         """Train the rest of the current epoch; returns its (seconds, images), or raises Stop."""
-        s, args, steps, batch = self.state, self.args, self.steps_per_epoch(), self.args.batch_size // self.dist.world
+        s, args, steps = self.state, self.args, self.steps_per_epoch()
+        batch = args.batch_size // self.dist.world
         order = epoch_order(len(self.data.train), args.seed, s.epoch, steps, batch, self.dist).to(self.dist.device)
         first = s.step - s.epoch * steps   # batches of this epoch already done (resume)
         totals = torch.tensor([s.epoch_loss, s.epoch_count], device=self.dist.device, dtype=torch.float64)
-        bad_run, skipped = torch.zeros((), device=self.dist.device), torch.zeros((), device=self.dist.device)
+        bad_run = 0   # bad steps in a row
         self.model.train()
-        t0, images = time.time(), 0
+        t0 = time.time()
+        images = 0
         with tqdm(range(first, steps), desc=f'epoch {s.epoch + 1}/{args.epochs}', disable=not self.run.active,
                   initial=first, total=steps, dynamic_ncols=True) as bar:
             try:
                 for i in bar:
                     idx = order[i * batch:(i + 1) * batch]
-                    self.guard.set_lr(learning_rate(args, s.step, args.epochs * steps))
+                    for group in self.guard.optimizer.param_groups:
+                        group['lr'] = learning_rate(args, s.step, args.epochs * steps)
                     labels = None if self.data.train_labels is None else self.data.train_labels[idx]
                     loss, bad = train_step(self.net, self.guard, self.loss_fn, to_unit(self.data.train[idx]),
                                            self.autocast, labels)
-                    self.average.update(self.model, s.step + 1, bad)
-                    totals += torch.stack([torch.where(bad > 0, 0.0, loss.double() * batch),
-                                           (1.0 - bad).double() * batch])
-                    bad_run, skipped = (bad_run + 1) * bad, skipped + bad
-                    s.step, images = s.step + 1, images + batch * self.dist.world
-                    last, shown = i == steps - 1, s.step % args.log_every == 0 or i == steps - 1
-                    if shown:
+                    s.step += 1
+                    images += batch * self.dist.world
+                    bad_run = bad_run + 1 if bad else 0
+                    s.skipped += bad
+                    if not bad:
+                        self.average.update(self.model, s.step)
+                        totals += torch.stack([loss.double() * batch, torch.ones_like(totals[0]) * batch])
+                    if s.step % args.log_every == 0 or i == steps - 1:
                         loss_sum, count = totals.tolist()
                         bar.set_postfix(bpd=f'{self.bpd(loss_sum / max(count, 1)):.3f}',
                                         img_s=f'{images / (time.time() - t0):.1f}')
-                    read_bad = shown or s.step % min(args.log_every, args.max_bad_steps) == 0
-                    sync = shown or s.step % self.dist.sync_every == 0
-                    self.check_stop(interrupt, bad_run if read_bad else None, sync, last)
+                    self.check_stop(interrupt, bad_run, s.step % self.dist.sync_every == 0, i == steps - 1)
             finally:
                 s.epoch_loss, s.epoch_count = totals.tolist()
-                s.skipped += int(skipped.item())
+                s.seconds += time.time() - t0
         return time.time() - t0, images
 
     def check_stop(self, interrupt, bad_run, sync, last):
-        """Raise Stop after this step if `bad_run` (bad steps in a row; None: not read now) reached --max-bad-steps,
-        a signal came (read on all ranks when `sync`), or --max-steps is reached before the epoch's last step."""
-        if bad_run is not None and bad_run.item() >= self.args.max_bad_steps:
-            raise Stop(f'{int(bad_run.item())} steps in a row had a non-finite loss or gradient', 1, save=False)
+        """Raise Stop after this step if --max-bad-steps steps in a row were bad, a signal came (read on all ranks
+        when `sync`), or --max-steps is reached before the epoch's last step."""
+        if bad_run >= self.args.max_bad_steps:
+            raise Stop(f'{bad_run} steps in a row had a non-finite loss or gradient', 1, save=False)
         if sync and self.dist.any(interrupt.caught):
             raise Stop('interrupted', 130, save=True)
         if self.state.step == self.args.max_steps and not last:
@@ -330,7 +431,8 @@ class Trainer:
                               skipped_steps=s.skipped, seconds=f'{seconds:.1f}', images_per_s=f'{images / seconds:.1f}'))
         self.run.write_metrics(self.rows)
         if self.run.active and (s.epoch == 1 or s.epoch % self.args.sample_every == 0):
-            labels = P.grid_labels(self.model.config, 8, self.dist.device)
+            classes = self.model.config.num_classes
+            labels = P.class_labels(range(classes), 8, self.dist.device) if classes else None
             z = torch.randn((64 if labels is None else len(labels), *self.model.shape),
                             generator=torch.Generator().manual_seed(self.args.seed)).to(self.dist.device)
             self.run.write_grid(averaged.decode(z, labels=labels).cpu(), f'samples_epoch{s.epoch:03d}.png')
