@@ -67,7 +67,8 @@ def count_flops(config, batch_size=1):
     Counts convolutions and matmuls (torch.utils.flop_counter); element-wise ops and batch norm are not counted."""
     model = RealNVP(config)
     x = torch.rand(batch_size, config.in_channels, config.img_size, config.img_size)
-    loss_fn, labels = RealNVPLoss(), example_labels(config, batch_size)
+    loss_fn = RealNVPLoss()
+    labels = example_labels(config, batch_size)
     with FlopCounterMode(display=False) as counter:
         with torch.no_grad():
             loss_fn(*model(x, labels=labels))
@@ -79,7 +80,8 @@ def count_flops(config, batch_size=1):
 
 
 def lecture_code(notebook):
-    """The lecture's own definitions (squeeze_2x2 ... RealNVP, RealNVPLoss), by running its code cells 2-7 as they are."""
+    """The lecture's own definitions (squeeze_2x2 ... RealNVP, RealNVPLoss), by running its code cells 2-7 as they
+    are."""
     text = open(notebook).read()
     cells = re.findall(r'^In \[(\d+)\]:\n(.*?)(?=^In \[|^#{2,3} |\Z)', text, flags=re.S | re.M)
     code = '\n'.join(body for number, body in cells if 2 <= int(number) <= 7)
@@ -92,7 +94,8 @@ def lecture_code(notebook):
 
 def lecture_model(lecture, config, device):
     """The lecture's RealNVP for a RealNVPConfig, on `device`."""
-    hyper = SimpleNamespace(num_scales=config.num_scales, mid_channels=config.mid_channels, num_blocks=config.num_blocks)
+    hyper = SimpleNamespace(num_scales=config.num_scales, mid_channels=config.mid_channels,
+                            num_blocks=config.num_blocks)
     model = lecture['RealNVP'](config.img_size, config.in_channels, hyper)
     model.to(device)  # its own constructor picks CUDA when there is one; follow --device instead
     model.device = device
@@ -104,7 +107,8 @@ def lecture_training(notebook, config, device):
     loss, backward, its gradient clipping at 100 and Adam at 1e-3."""
     lecture = lecture_code(notebook)
     model = lecture_model(lecture, config, device)
-    loss_fn, clip = lecture['RealNVPLoss'](), lecture['clip_grad_norm']
+    loss_fn = lecture['RealNVPLoss']()
+    clip = lecture['clip_grad_norm']
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step(x):
@@ -182,24 +186,12 @@ def training_step(args, config, device):
     net = P.compile_model(model, device) if args.compile else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
     images = torch.randint(0, 256, (args.batch_size, *model.shape), dtype=torch.uint8, device=device)
-    loss_fn, labels = RealNVPLoss(), example_labels(config, args.batch_size, device)
+    loss_fn = RealNVPLoss()
+    labels = example_labels(config, args.batch_size, device)
 
     def step():
         train_step(net, guard, loss_fn, to_unit(images), autocast, labels)
     return model, autocast, images, step
-
-
-def measure_additions(args, config, device, train_s):
-    """What the flow's batch norms (--flow-norm) and the translation bound (--t-bound) cost: for each that the
-    model has, the share of a step that goes when it alone is left out."""
-    result = {}
-    for name, left_out in (('flow_norm', dict(flow_norm=False)), ('t_bound', dict(t_bound=0.0))):
-        if getattr(config, name):
-            step = training_step(args, replace(config, **left_out), device)[3]
-            for _ in range(args.warmup + 1):
-                step()
-            result[f'{name}_share_of_step'] = 1.0 - timed(step, device, args.steps) / train_s
-    return result
 
 
 def measure_training(args, config, device):
@@ -222,7 +214,8 @@ def measure_training(args, config, device):
         shares['launches_per_step'] = count_launches(step)   # the operator calls; what CUDA would launch
     average = WeightAverage(model, 0.999)
     ema_s = timed(lambda: average.update(model, 1000), device, args.steps)
-    noise, labels = torch.rand(images.shape, device=device), example_labels(config, len(images), device)
+    noise = torch.rand(images.shape, device=device)
+    labels = example_labels(config, len(images), device)
     with autocast:   # as train.py refreshes and evaluates
         refresh_s = timed(lambda: refresh_batch_norm(average.model, [(to_unit(images), noise, labels)]), device,
                           max(2, args.steps // 2))
@@ -246,7 +239,7 @@ def conv_shapes(config, batch_size):
     model = RealNVP(config)
     shapes = Counter()
     hooks = [m.register_forward_hook(lambda mod, args, out: shapes.update(
-        [(tuple(args[0].shape), tuple(mod.weight_v.shape), (mod.padding, mod.padding))]))
+        [(tuple(args[0].shape), tuple(mod.conv.weight.shape), mod.conv.padding)]))
         for m in model.modules() if isinstance(m, WNConv2d)]
     with torch.no_grad():
         model(torch.rand(batch_size, config.in_channels, config.img_size, config.img_size),
@@ -261,7 +254,7 @@ def conv_flops_per_s(shape, device, dtype, warmup=5, repeats=15):
     as in the model: the kind of work a training step does, at its own sizes."""
     x_shape, w_shape, padding = shape
     x = torch.randn(x_shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(w_shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(w_shape, device=device, dtype=dtype)
     x.requires_grad_()
     w.requires_grad_()
     grad = torch.ones_like(torch.nn.functional.conv2d(x, w, padding=padding))
@@ -456,8 +449,7 @@ def benchmark(args):
     if args.flops_only:
         return result
     result.update(measure_training(args, config, device))
-    if not args.compile:   # each would compile other models: a compiled run compiles one
-        result.update(measure_additions(args, config, device, result['train_step_s']))
+    if not args.compile:   # it would compile another model: a compiled run compiles one
         result.update(measure_overhead(args, config, device))
     if config.num_classes:
         result.update(measure_conditioning(args, config, device))
@@ -479,8 +471,6 @@ TABLE = [
     ('launches_outside_graphs', 'launches per step outside compiled graphs', '{:,.0f}'),
     ('graphs_per_step', 'compiled graphs per step', '{:,.0f}'),
     ('cuda_kernels_per_step', 'CUDA kernels per step', '{:,.0f}'),
-    ('flow_norm_share_of_step', 'the flow\'s batch norms (--flow-norm) / training step', '{:.3f}'),
-    ('t_bound_share_of_step', 'the translation bound (--t-bound) / training step', '{:.3f}'),
     ('ema_update_share_of_step', 'weight-average update / training step', '{:.3f}'),
     ('bn_refresh_batch_share_of_step', 'batch-norm refresh, per batch / training step', '{:.3f}'),
     ('sample_images_per_s', 'sampling images/s', '{:.1f}'),

@@ -21,8 +21,7 @@ import os
 import torch
 
 import plumbing as P
-from realnvp import (DataNotFoundError, bits_per_dim, class_nll, frechet_distance, in_mode, nll_per_image, nll_terms,
-                     to_unit)
+from realnvp import DataNotFoundError, bits_per_dim, class_nll, in_mode, nll_per_image, nll_terms, to_unit
 
 
 def build_parser():
@@ -139,7 +138,7 @@ def judge_samples(args, model, ckpt, device):
     sample_feats, seen = P.judge_features(judge, samples.float())
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:len(test)]
     train_feats, _ = P.judge_features(judge, train.images[pick])
-    result = dict(fd=frechet_distance(sample_feats, test_feats), fd_floor=frechet_distance(train_feats, test_feats),
+    result = dict(fd=P.frechet_distance(sample_feats, test_feats), fd_floor=P.frechet_distance(train_feats, test_feats),
                   judge_test_accuracy=accuracy, temperature=args.temperature, samples=args.n,
                   label_histogram=torch.bincount(seen, minlength=10).tolist())
     if k:
@@ -206,13 +205,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.breakdown and args.dequant_samples > 1:
         parser.error('--breakdown splits one dequantisation draw; drop --dequant-samples')
+    if args.classify and (args.breakdown or args.dequant_samples > 1):
+        parser.error('--classify takes one dequantisation draw and no --breakdown')
     model, ckpt, ckpt_path = P.open_checkpoint('evaluate.py', args)
     conditional = model.config.num_classes > 0
     if args.classify and not conditional:
         P.die('evaluate.py', f'--classify needs a class-conditional checkpoint (train.py --conditional); {ckpt_path} '
                              f'is unconditional', 2)
-    if args.classify and (args.breakdown or args.dequant_samples > 1):
-        parser.error('--classify takes one dequantisation draw and no --breakdown')
+    if args.breakdown and conditional:
+        P.die('evaluate.py', '--breakdown splits an unconditional model\'s bpd; this checkpoint is '
+                             'class-conditional', 2)
     paths = output_paths(args, ckpt_path)
     try:
         P.check_memory(P.memory_needed(model.config, eval_batch=args.batch_size * args.dequant_samples),
@@ -223,13 +225,10 @@ def main(argv=None):
         data = P.checkpoint_dataset(ckpt, train=args.split == 'train', data_dir=args.data_dir)
     except (ValueError, DataNotFoundError) as e:
         P.die('evaluate.py', e)
-    if data.images.shape[1] != model.config.in_channels:
-        P.die('evaluate.py', f'the data has {data.images.shape[1]} channels, the model {model.config.in_channels}')
     images, labels = data.images[:args.limit], data.labels[:args.limit]
     torch.manual_seed(args.seed)
-    terms, extra = None, {}
-    if args.breakdown and conditional:
-        P.die('evaluate.py', '--breakdown splits an unconditional model\'s bpd; this checkpoint is class-conditional', 2)
+    terms = None
+    extra = {}
     if args.breakdown:
         bpd, terms = breakdown(model, images, args.batch_size)
     elif args.classify:

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from realnvp import (DATASET_CHANNELS, DataNotFoundError, DigitJudge, ImageDataset, RealNVP, RealNVPConfig,
+from realnvp import (DATASET_CHANNELS, DataNotFoundError, ImageDataset, RealNVP, RealNVPConfig,
                      get_param_groups, one_line, to_unit)
 
 # -----------------------------------------------------------------------------
@@ -54,7 +55,8 @@ def die(prog, error, code=1):
 def given_flags(build_parser, argv):
     """The dests of the flags written on `argv`: parsed once more by a new `build_parser()` whose every default is
     replaced by a marker (with allow_abbrev=False, only whole flags count)."""
-    probe, unset = build_parser(), object()
+    probe = build_parser()
+    unset = object()
     probe.set_defaults(**dict.fromkeys(vars(probe.parse_args([])), unset))
     return {dest for dest, value in vars(probe.parse_args(argv)).items() if value is not unset}
 
@@ -69,7 +71,8 @@ def model_flags(config):
 def add_model_args(parser):
     """The architecture's flags, shared by train.py and bench.py, with RealNVPConfig()'s values as defaults;
     `config_from_args` reads them back."""
-    a, default = parser.add_argument, RealNVPConfig()
+    a = parser.add_argument
+    default = RealNVPConfig()
     a('--num-scales', type=positive_int, help=f'scales of the multi-scale architecture (default {default.num_scales})')
     a('--mid-channels', type=positive_int, help=f'channels of the first scale\'s s/t ResNets (default '
                                                  f'{default.mid_channels})')
@@ -226,7 +229,7 @@ def check_writable_folder(folder, what):
 # -----------------------------------------------------------------------------
 # Files: one atomic writer, checkpoints, pictures
 
-CHECKPOINT_FORMAT = 2   # the layout train.py writes; a checkpoint of another format is refused
+CHECKPOINT_FORMAT = 3   # the layout train.py writes; a checkpoint of another format is refused
 TMP_MARK = '.realnvp-tmp'   # temporaries are <file>.realnvp-tmp<pid>: the only files the project ever removes
 
 
@@ -318,24 +321,6 @@ def non_finite_tensor(tensors):
     return named[min(bad)][0] if bad else None
 
 
-def state_dict_mismatch(model, state):
-    """'' when `state` fits `model`, else what does not: missing and unexpected names, shapes that differ."""
-    if not isinstance(state, dict):
-        return 'the weights are not a state dict'
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f'{k} is {tuple(state[k].shape)}, the model wants {tuple(v.shape)}' for k, v in own.items()
-              if k in state and torch.is_tensor(state[k]) and state[k].shape != v.shape]
-
-    def listed(names):
-        return ', '.join(names[:3]) + (f' and {len(names) - 3} more' if len(names) > 3 else '')
-    parts = ([f'{len(missing)} missing ({listed(missing)})'] if missing else []) + \
-            ([f'{len(unexpected)} unexpected ({listed(unexpected)})'] if unexpected else []) + \
-            ([f'{len(shapes)} of another shape ({listed(shapes)})'] if shapes else [])
-    return '; '.join(parts)
-
-
 def load_checkpoint(path, device='cpu'):
     """(model in eval mode on `device`, checkpoint dict) from a file written by train.py: the one reader of
     checkpoints, for --resume, sample.py and evaluate.py. Anything wrong with it is one CheckpointError."""
@@ -359,14 +344,22 @@ def load_checkpoint(path, device='cpu'):
         model = RealNVP(config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f'the config in {path} cannot build a model: {one_line(e, 0)}') from None
-    mismatch = state_dict_mismatch(model, ckpt['model'])
-    if mismatch:
-        raise CheckpointError(f'the weights in {path} do not fit its config: {mismatch}')
-    bad = non_finite_tensor(ckpt['model'])
+    saved = ckpt.get('args', {})
+    dataset = saved.get('dataset', 'mnist') if isinstance(saved, dict) else None
+    if DATASET_CHANNELS.get(dataset) != config.in_channels:
+        raise CheckpointError(f'{path} is not a train.py checkpoint: its flags (data set {dataset!r}) do not go with '
+                              f'its model of {config.in_channels} channels')
+    bad = non_finite_tensor(ckpt['model']) if isinstance(ckpt['model'], dict) else None
     if bad is not None:
         raise CheckpointError(f'checkpoint {path} is not finite: its weight {bad} holds NaN or infinite values, '
                               f'so it cannot be used; take an earlier checkpoint')
-    model.load_state_dict(ckpt['model'])
+    try:
+        model.load_state_dict(ckpt['model'])
+    except (RuntimeError, TypeError, AttributeError) as e:   # torch's message: a line a kind of misfit
+        problems = [line.strip() for line in str(e).splitlines()[1:]] or [one_line(e)]
+        more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
+        first = problems[0] if len(problems[0]) <= 200 else problems[0][:200] + '...'
+        raise CheckpointError(f'the weights in {path} do not fit its config: {first}{more}') from None
     return model.to(device).eval(), ckpt
 
 
@@ -454,6 +447,45 @@ def data_fingerprint(train, test):
         digest.update(str(tuple(images.shape)).encode())
         digest.update(images.contiguous().numpy().tobytes())
     return dict(train=len(train), test=len(test), sha256=digest.hexdigest()[:16])
+
+
+# -----------------------------------------------------------------------------
+# Judging samples: a digit classifier and the Fréchet distance between feature sets
+
+
+class DigitJudge(nn.Module):
+    """A small convolutional digit classifier for one image size, trained on the training split: an independent
+    judge of samples. Its penultimate layer's 128 features give the Fréchet distance between samples and real
+    images (as FID does with Inception's); its labels say which digits the samples show."""
+
+    def __init__(self, in_channels=1, img_size=14, num_classes=10):
+        super().__init__()
+        block = lambda c_in, c_out: (nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU())
+        self.body = nn.Sequential(
+            *block(in_channels, 32), *block(32, 32), nn.MaxPool2d(2),                 # (B, 32, H/2, W/2)
+            *block(32, 64), *block(64, 64), nn.MaxPool2d(2),                          # (B, 64, H/4, W/4)
+            nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * (img_size // 4) ** 2, 128), nn.ReLU())   # (B, 128)
+        self.head = nn.Linear(128, num_classes)
+
+    def features(self, x):
+        """x in [0, 1], (B, C, H, W) -> (B, 128)."""
+        return self.body(2.0 * x - 1.0)
+
+    def forward(self, x):
+        return self.head(self.features(x))   # (B, num_classes) logits
+
+
+def frechet_distance(a, b):
+    """Fréchet distance between Gaussians fitted to two feature sets (N, F) and (M, F), in float64:
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)). tr (S_a S_b)^(1/2) is the sum of the square roots of
+    the eigenvalues of S_a^(1/2) S_b S_a^(1/2), a symmetric matrix with the same eigenvalues as S_a S_b."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
 
 
 JUDGE_EPOCHS = 3
@@ -551,7 +583,9 @@ class Dist:
     (gloo on the CPU, NCCL on CUDA, one GPU a process). The training code never asks how many there are."""
 
     def __init__(self, device, log_every):
-        self.rank, self.world, self.device = 0, int(os.environ.get('WORLD_SIZE', '1')), device
+        self.rank = 0
+        self.world = int(os.environ.get('WORLD_SIZE', '1'))
+        self.device = device
         self.sync_every = 1   # steps between stop checks: one process checks its own flag every step
         if self.world > 1:
             if device.type == 'cuda':
@@ -734,6 +768,15 @@ def check_run_folder(out_dir, ckpt, resume):
     return owner
 
 
+class FolderRefused(Exception):
+    """A run folder that this start cannot take: one line, and the exit code (2: bad input; 1: in use, or the
+    file system)."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
 class RunFolder:
     """The folder of one training run. Only rank 0 writes; every other rank gets one that writes nothing.
 
@@ -741,42 +784,56 @@ class RunFolder:
     names the run, is written first, and last.pt, the commit point of an epoch, last."""
 
     def __init__(self, out_dir, active):
-        self.dir, self.active, self.lock = out_dir, active, None
+        self.dir = out_dir
+        self.active = active
+        self.lock = None
+        self.made = False   # whether take() made the folder
 
-    def take(self, ckpt, resume, record):
-        """Rank 0 takes the folder for the run that `record` (config.json) describes: makes it, locks it while the
-        run lives (the kernel drops the lock however the process ends), checks it again under the lock, removes
-        the project's own temporaries of a process that died mid-write, and writes config.json unless it names this
-        run already. Returns None, or why the folder cannot be taken: one line, for every rank to exit with."""
+    def take(self, ckpt, resume):
+        """Rank 0 takes the folder: makes it, locks it while the run lives (the kernel drops the lock however the
+        process ends), checks under the lock that this start may write there (`check_run_folder`), and removes the
+        project's own temporaries of a process that died mid-write. Returns what `check_run_folder` returns (the
+        run id when `ckpt` resumes its own run here); raises FolderRefused, with one line and an exit code."""
         try:
+            self.made = not os.path.isdir(self.dir)
             os.makedirs(self.dir, exist_ok=True)
             self.lock = open(self.path('.lock'), 'a+')
         except OSError as e:
-            return f'cannot use {self.dir} as the run folder: {e.strerror or e}; pass another --out-dir'
+            raise FolderRefused(f'cannot use {self.dir} as the run folder: {e.strerror or e}; pass another '
+                                f'--out-dir', 1) from None
         try:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.lock.seek(0)
-            return (f'{self.dir} is in use by another training (pid {self.lock.read().strip() or "?"}); wait for it '
-                    f'to end, or pass another --out-dir')
+            raise FolderRefused(f'{self.dir} is in use by another training (pid {self.lock.read().strip() or "?"}); '
+                                f'wait for it to end, or pass another --out-dir', 1) from None
         try:
             self.lock.truncate(0)
             self.lock.write(f'{os.getpid()}\n')
             self.lock.flush()
-            check_run_folder(self.dir, ckpt, resume)
+            own = check_run_folder(self.dir, ckpt, resume)
             for name in os.listdir(self.dir):
                 if re.fullmatch(r'.+' + re.escape(TMP_MARK) + r'\d+', name):
                     os.remove(self.path(name))
-            if folder_owner(self.dir) != record['run_id']:
-                self.write('config.json', json.dumps(record, indent=2))
-        except (OSError, ValueError) as e:   # CheckpointError too: a full disk
-            return str(e) if isinstance(e, ValueError) else f'cannot write in {self.dir}: {e.strerror or e}'
-        return None
+        except ValueError as e:   # the folder holds another run, or files that are not a run's
+            raise FolderRefused(str(e), 2) from None
+        except OSError as e:
+            raise FolderRefused(f'cannot write in {self.dir}: {e.strerror or e}', 1) from None
+        return own
+
+    def record(self, record):
+        """Write config.json, which names the run (`record`: its id, flags, data, model), unless it does already."""
+        if self.active and folder_owner(self.dir) != record['run_id']:
+            self.write('config.json', json.dumps(record, indent=2))
 
     def close(self):
-        """Let the folder go: the lock is dropped (as it is, anyway, when the process ends)."""
+        """Let the folder go: the lock is dropped (as it is, anyway, when the process ends), and a folder this start
+        made and wrote nothing into (it stopped before: bad data, say) is removed."""
         if self.lock is not None:
             self.lock.close()
+            if self.made and os.listdir(self.dir) == ['.lock']:
+                os.remove(self.path('.lock'))
+                os.rmdir(self.dir)
 
     def path(self, name):
         return os.path.join(self.dir, name)

@@ -10,10 +10,9 @@ notebook (Lecture 8: Normalizing Flows):
     5. loss and optimisation     RealNVPLoss, nll_terms, bits_per_dim, nll_per_image, class_nll,
                                  get_param_groups
     6. data                      ImageDataset (MNIST, CIFAR-10), DataNotFoundError
-    7. judging samples           DigitJudge (a digit classifier), frechet_distance
 
 How a run trains it (the step, the weight average, the batch-norm refresh) is in train.py; what the scripts
-share (checkpoints, run folders, devices, command lines) is in plumbing.py.
+share (checkpoints, run folders, devices, command lines, the digit judge of samples) is in plumbing.py.
 
 Direction convention, everywhere: `reverse=False` maps data -> latent and adds
 log|det J| to `sldj`; `reverse=True` maps latent -> data and leaves `sldj` alone.
@@ -30,6 +29,7 @@ from enum import IntEnum
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.parametrizations import weight_norm
 
 # -----------------------------------------------------------------------------
 # 1. Squeeze and masks (paper Section 3.4, Figure 3)
@@ -78,40 +78,27 @@ def checkerboard_mask(height, width, reverse=False, dtype=torch.float32, device=
 # 2. The s/t networks: weight-normed ResNets (paper Section 4.1)
 
 
-def weight_norm(g, v):
-    """W = g * v / ||v||, the norm over every dim but the first: one scale g per output channel (Salimans &
-    Kingma 2016), what torch's `parametrizations.weight_norm` computes."""
-    return v * (g / torch.linalg.vector_norm(v, dim=tuple(range(1, v.dim())), keepdim=True))
-
-
 class Rescale(nn.Module):
-    """Per-channel scale y = w_c * x; weight-normed, so w = g * v / |v| (paper Section 4.1)."""
+    """Per-channel scale y = w_c * x; weight-normed (below), so w = g * v / |v| (paper Section 4.1)."""
 
     def __init__(self, num_channels):
         super().__init__()
-        self.weight_g = nn.Parameter(torch.ones(num_channels, 1, 1))
-        self.weight_v = nn.Parameter(torch.ones(num_channels, 1, 1))
+        self.weight = nn.Parameter(torch.ones(num_channels, 1, 1))
 
     def forward(self, x):
-        return weight_norm(self.weight_g, self.weight_v) * x
+        return self.weight * x
 
 
 class WNConv2d(nn.Module):
-    """Weight-normalised convolution, W = g * V / ||V|| per output channel (Salimans & Kingma 2016).
-
-    The lecture wraps an nn.Conv2d in `parametrizations.weight_norm`; here g (`weight_g`) and V (`weight_v`) are
-    the layer's own parameters, initialised as that wrapper initialises them, and W is computed in `forward`."""
+    """Weight-normalised convolution, W = g * V / ||V|| per output channel (Salimans & Kingma 2016), by torch's
+    `parametrizations.weight_norm`: g is `conv.parametrizations.weight.original0`, V `original1`."""
 
     def __init__(self, in_channels, out_channels, kernel_size, padding, bias=True):
         super().__init__()
-        conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=bias)  # its initialisation
-        self.padding = padding
-        self.bias = nn.Parameter(conv.bias.detach()) if bias else None
-        self.weight_g = nn.Parameter(conv.weight.detach().flatten(1).norm(dim=1).view(-1, 1, 1, 1))  # (out, 1, 1, 1)
-        self.weight_v = nn.Parameter(conv.weight.detach())                                 # (out, in, k, k)
+        self.conv = weight_norm(nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=bias))
 
     def forward(self, x):
-        return F.conv2d(x, weight_norm(self.weight_g, self.weight_v), self.bias, padding=self.padding)
+        return self.conv(x)
 
 
 class ResidualBlock(nn.Module):
@@ -125,9 +112,10 @@ class ResidualBlock(nn.Module):
         self.out_conv = WNConv2d(channels, channels, kernel_size=3, padding=1, bias=True)
 
     def forward(self, x):
+        # ReLU in place: batch norm keeps its input for the backward pass, not its output (10% of a CPU step)
         skip = x
-        x = self.in_conv(F.relu(self.in_norm(x)))
-        x = self.out_conv(F.relu(self.out_norm(x)))
+        x = self.in_conv(F.relu(self.in_norm(x), inplace=True))
+        x = self.out_conv(F.relu(self.out_norm(x), inplace=True))
         return x + skip
 
 
@@ -165,14 +153,14 @@ class ResNet(nn.Module):
             x = 2.0 * x
         # channels-last from here on: the convolutions and batch norms run faster in that layout, CPU and GPU
         x = torch.cat((x, -x), dim=1).contiguous(memory_format=torch.channels_last)  # (B, 2C, H, W)
-        x = self.in_conv(F.relu(x))                                                  # (B, mid, H, W)
+        x = self.in_conv(F.relu(x, inplace=True))                                    # (B, mid, H, W)
         if self.class_bias is not None:
             x = x + (LABEL_GAIN * self.class_bias[labels]).to(x.dtype)[:, :, None, None]   # + (B, mid, 1, 1)
         x_skip = self.in_skip(x)
         for block, skip in zip(self.blocks, self.skips):
             x = block(x)
-            x_skip = x_skip + skip(x)
-        return self.out_conv(F.relu(self.out_norm(x_skip)))
+            x_skip += skip(x)
+        return self.out_conv(F.relu(self.out_norm(x_skip), inplace=True))
 
 
 # -----------------------------------------------------------------------------
@@ -200,7 +188,7 @@ class CouplingLayer(nn.Module):
             in_channels //= 2
         self.st_net = ResNet(in_channels, mid_channels, 2 * in_channels, num_blocks,
                              double_after_norm=self.mask_type == MaskType.CHECKERBOARD, num_classes=num_classes)
-        self.rescale = Rescale(in_channels)
+        self.rescale = weight_norm(Rescale(in_channels))
         out_channels = 2 * in_channels if self.mask_type == MaskType.CHANNEL_WISE else in_channels  # all of x
         self.bn_flow = BatchNormFlow(out_channels) if flow_norm else None
 
@@ -262,7 +250,8 @@ class BatchNormFlow(nn.Module):
 
     def __init__(self, num_features, momentum=0.05, eps=1e-5):
         super().__init__()
-        self.momentum, self.eps = momentum, eps
+        self.momentum = momentum
+        self.eps = eps
         self.log_gamma = nn.Parameter(torch.zeros(num_features))
         self.beta = nn.Parameter(torch.zeros(num_features))
         self.register_buffer('running_mean', torch.zeros(num_features))
@@ -389,7 +378,7 @@ class Scale(nn.Module):
 
     def _factor_out(self, x, sldj, reverse=False, labels=None):
         x = squeeze_2x2(x, alt_order=True)                              # (B, 4C, H/2, W/2)
-        x, x_split = x.chunk(2, dim=1)                                  # go on with 2C channels, keep 2C as they are
+        x, x_split = x.chunk(2, dim=1)                                  # go on with 2C channels, keep 2C
         x, sldj = self.next_scale(x, sldj, reverse, labels)
         return squeeze_2x2(torch.cat((x, x_split), dim=1), reverse=True, alt_order=True), sldj  # (B, C, H, W)
 
@@ -408,12 +397,8 @@ class ClassPrior(nn.Module):
         self.mean = nn.Parameter(torch.zeros(num_classes, *shape))        # (K, C, H, W)
         self.log_scale = nn.Parameter(torch.zeros(num_classes, *shape))   # (K, C, H, W)
 
-    def gaussian(self, labels):
-        """The mean and log-scale of each image's label's Gaussian, each (B, C, H, W)."""
-        return LABEL_GAIN * self.mean[labels], LABEL_GAIN * self.log_scale[labels]
-
     def forward(self, z, sldj, labels, reverse=False):
-        mean, log_scale = self.gaussian(labels)
+        mean, log_scale = LABEL_GAIN * self.mean[labels], LABEL_GAIN * self.log_scale[labels]   # (B, C, H, W) each
         if reverse:
             return z * log_scale.exp() + mean, sldj
         return (z - mean) * torch.exp(-log_scale), sldj - log_scale.flatten(1).sum(-1)
@@ -437,7 +422,6 @@ class RealNVP(nn.Module):
         self.flows = Scale(0, c.num_scales, c.in_channels, c.mid_channels, c.num_blocks,
                            flow_norm=c.flow_norm, t_bound=c.t_bound, num_classes=c.num_classes)
         self.prior = ClassPrior(c.num_classes, self.shape) if c.num_classes else None
-        self.to(memory_format=torch.channels_last)  # convolution weights in NHWC, like their inputs
 
     @property
     def shape(self):
@@ -546,8 +530,6 @@ def nll_terms(model, x, noise=None):
         dequantisation  D log 256                       v's bins are 1/256 wide: 8 bits a dimension
 
     Their sum is RealNVPLoss(reduction='none') of model(x, noise=noise)."""
-    if model.prior is not None:
-        raise ValueError('nll_terms splits an unconditional model\'s NLL')
     y, ldj_logit = model.preprocess(x, noise)
     z, ldj_flow = model.flows(y, torch.zeros_like(ldj_logit))
     prior = gaussian_nll(z)
@@ -604,8 +586,10 @@ def class_nll(model, images, batch_size=512):
 def get_param_groups(model, weight_decay):
     """Two Adam groups: the weight-norm scales g (L2 `weight_decay`, paper Section 4.1) and the rest (none).
 
-    The scales are the `weight_g` of every WNConv2d and Rescale (the lecture selects them by that name too)."""
-    scales = [p for name, p in model.named_parameters() if name.endswith('weight_g')]
+    The scales are the g of every weight-normed layer, which `parametrizations.weight_norm` names `original0`.
+    (The lecture selects them by the name `weight_g` of the older `nn.utils.weight_norm`, which its own layers,
+    parametrized, do not have: its L2 penalty falls on no parameter.)"""
+    scales = [p for name, p in model.named_parameters() if name.endswith('parametrizations.weight.original0')]
     scale_ids = {id(p) for p in scales}
     others = [p for p in model.parameters() if id(p) not in scale_ids]
     return [{'name': 'weight_norm_scales', 'params': scales, 'weight_decay': weight_decay},
@@ -691,17 +675,12 @@ def _download_mnist(data_dir, train):
 def load_cifar10(data_dir, train=True, download=True):
     """(images uint8 (N, 3, 32, 32), labels int64 (N,)) via torchvision from DIR/cifar-10-batches-py/."""
     import torchvision
-    missing = (f'CIFAR-10 not found in {data_dir}/cifar-10-batches-py/ (point --data-dir at the folder '
-               f'holding it)')
     try:
-        ds = torchvision.datasets.CIFAR10(data_dir, train=train, download=False)
-    except RuntimeError:
-        if not download:
-            raise DataNotFoundError(missing) from None
-        try:
-            ds = torchvision.datasets.CIFAR10(data_dir, train=train, download=True)
-        except Exception as e:
-            raise DataNotFoundError(f'{missing}; downloading failed: {one_line(e)}') from None
+        ds = torchvision.datasets.CIFAR10(data_dir, train=train, download=download)
+    except Exception as e:   # not there, and not downloaded: offline, or a mirror failed
+        failed = f'; downloading failed: {one_line(e)}' if download else ''
+        raise DataNotFoundError(f'CIFAR-10 not found in {data_dir}/cifar-10-batches-py/ (point --data-dir at the '
+                                f'folder holding it){failed}') from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
     return images, torch.tensor(ds.targets, dtype=torch.int64)
 
@@ -733,42 +712,3 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return to_unit(self.images[i]), self.labels[i]
-
-
-# -----------------------------------------------------------------------------
-# 7. Judging samples: a digit classifier and the Fréchet distance between feature sets
-
-
-class DigitJudge(nn.Module):
-    """A small convolutional digit classifier for one image size, trained on the training split: an independent
-    judge of samples. Its penultimate layer's 128 features give the Fréchet distance between samples and real
-    images (as FID does with Inception's); its labels say which digits the samples show."""
-
-    def __init__(self, in_channels=1, img_size=14, num_classes=10):
-        super().__init__()
-        block = lambda c_in, c_out: (nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU())
-        self.body = nn.Sequential(
-            *block(in_channels, 32), *block(32, 32), nn.MaxPool2d(2),                 # (B, 32, H/2, W/2)
-            *block(32, 64), *block(64, 64), nn.MaxPool2d(2),                          # (B, 64, H/4, W/4)
-            nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * (img_size // 4) ** 2, 128), nn.ReLU())   # (B, 128)
-        self.head = nn.Linear(128, num_classes)
-
-    def features(self, x):
-        """x in [0, 1], (B, C, H, W) -> (B, 128)."""
-        return self.body(2.0 * x - 1.0)
-
-    def forward(self, x):
-        return self.head(self.features(x))   # (B, num_classes) logits
-
-
-def frechet_distance(a, b):
-    """Fréchet distance between Gaussians fitted to two feature sets (N, F) and (M, F), in float64:
-    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)). tr (S_a S_b)^(1/2) is the sum of the square roots of
-    the eigenvalues of S_a^(1/2) S_b S_a^(1/2), a symmetric matrix with the same eigenvalues as S_a S_b."""
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    values, vectors = torch.linalg.eigh(cov_a)
-    root_a = (vectors * values.clamp(min=0).sqrt()) @ vectors.T
-    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
-    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()

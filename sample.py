@@ -27,10 +27,12 @@ def build_parser():
       help='with a class-conditional checkpoint (train.py --conditional): draw these digits, --n of each, a row '
            'each (default: a row of each of the ten)')
     a('--seed', type=P.seed, default=0, help='seed for z (default 0)')
-    a('--out', default=None, help='PNG (or .jpg) to write (default: samples_n<N>_t<T>_s<seed>.png beside the checkpoint)')
+    a('--out', default=None,
+      help='PNG (or .jpg) to write (default: samples_n<N>_t<T>_s<seed>.png beside the checkpoint)')
     a('--device', default=None, help='cpu, cuda, cuda:N or mps (default: the best there is)')
     a('--interpolate', action='store_true', help='latent interpolations between pairs of test images instead')
-    a('--pairs', type=P.positive_int, default=4, help='with --interpolate: pairs of test images, one per row (default 4)')
+    a('--pairs', type=P.positive_int, default=4,
+      help='with --interpolate: pairs of test images, one per row (default 4)')
     a('--steps', type=P.positive_int, default=8, help='with --interpolate: images per row, ends included (default 8)')
     a('--data-dir', default=None, help='with --interpolate: data folder (default: the one the run trained on)')
     a('--scale', type=P.positive_int, default=None,

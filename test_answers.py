@@ -18,7 +18,8 @@ def test_jensen_bound_direction_on_a_gaussian():
     """A 1-D Gaussian p = N(mu, sigma^2) and one discrete value x: closed forms on both sides of Jensen."""
     mu, sigma, x = 2.3, 0.7, 2.0
     normal = torch.distributions.Normal(torch.tensor(mu, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64))
-    log_P = torch.log(normal.cdf(torch.tensor(x + 1.0, dtype=torch.float64)) - normal.cdf(torch.tensor(x, dtype=torch.float64)))
+    cdf = lambda v: normal.cdf(torch.tensor(v, dtype=torch.float64))
+    log_P = torch.log(cdf(x + 1.0) - cdf(x))
     # E_u[log p(x + u)], u ~ U[0, 1): E[(x + u - mu)^2] = (x - mu + 1/2)^2 + 1/12
     expected_log_p = -0.5 * math.log(2 * math.pi * sigma ** 2) - ((x - mu + 0.5) ** 2 + 1 / 12) / (2 * sigma ** 2)
     assert expected_log_p < log_P.item()
@@ -121,7 +122,7 @@ def test_answers_per_coupling_flops():
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             coupling(x, torch.zeros(1))
         measured.append((coupling.mask_type.name.lower().replace('_', '-'), 'x'.join(map(str, x.shape[1:])),
-                         coupling.st_net.in_conv.weight_v.shape[0], f'{counter.get_total_flops() / 1e9:.3f}'))
+                         coupling.st_net.in_conv.conv.weight.shape[0], f'{counter.get_total_flops() / 1e9:.3f}'))
     expected = []
     for couplings, mask, runs_on, channels, gflop in answers_table('| couplings | mask |'):
         count = int(couplings.split(', ')[1])

@@ -22,7 +22,6 @@ def test_bench_reports_consistent_figures():
     r = json.loads(result.stdout)
     params, forward, step = bench.count_flops(RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1))
     assert r['parameters'] == params and r['gflop_train_step_per_image'] == step / 1e9
-    assert {'flow_norm_share_of_step', 't_bound_share_of_step'} <= set(r)   # the default model has both
     ceiling = max(r['matmul_fp32_gflop_per_s'], r['conv_fp32_gflop_per_s'])
     assert r['ceiling_fp32_gflop_per_s'] == ceiling and r['ceiling_dtype'] == 'fp32'
     assert abs(r['ratio_to_ceiling'] - r['achieved_gflop_per_s'] / ceiling) < 1e-9
@@ -33,7 +32,8 @@ def test_bench_reports_consistent_figures():
     assert r['train_images_per_s'] > 0 and r['sample_images_per_s'] > 0 and r['eval_images_per_s'] > 0
 
 
-TINY_CHECK = ['--image-size', '8', '--mid-channels', '4', '--num-blocks', '1', '--batch-size', '16', '--num-threads', '1']
+TINY_CHECK = ['--image-size', '8', '--mid-channels', '4', '--num-blocks', '1', '--batch-size', '16',
+              '--num-threads', '1']
 
 
 def gpu_check(data_dir, out, device, *notebook, work=None):
@@ -76,7 +76,8 @@ def test_gpu_check_runs_every_stage_and_packs_what_it_reports_in_a_few_small_fil
     if notebook:
         assert summary['fp32']['times_lecture'] == fp32['train_images_per_s'] / fp32['lecture_train_images_per_s']
         assert summary['lecture_notebook'] == NOTEBOOK and fp32['overhead_over_lecture'] > 0
-    assert any('test bpd' in line for line in summary['outputs']['train']) and 'test bpd' in (out / 'train.log').read_text()
+    assert any('test bpd' in line for line in summary['outputs']['train'])
+    assert 'test bpd' in (out / 'train.log').read_text()
     assert os.path.isfile(work / 'data' / 'MNIST' / 'raw' / 'train-images-idx3-ubyte')
     again = gpu_check(data_dir, out, 'cpu')
     assert again.returncode == 2 and 'earlier check' in again.stderr   # never over an earlier check
@@ -176,7 +177,7 @@ def test_bench_times_a_conditional_model_against_the_same_without_labels():
     conditional = RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1, num_classes=10)
     (p0, f0, s0), (p1, f1, s1) = bench.count_flops(unconditional), bench.count_flops(conditional)
     model = RealNVP(conditional)
-    first_convs = [m.in_conv.weight_v.shape[0] for m in model.modules() if hasattr(m, 'class_bias')]
+    first_convs = [m.in_conv.conv.weight.shape[0] for m in model.modules() if hasattr(m, 'class_bias')]
     assert len(first_convs) == 10   # 3 + 3 couplings at the first scale, 4 at the second
     assert p1 - p0 == 2 * 10 * 64 + 10 * sum(first_convs) and (f1, s1) == (f0, s0)
     args = argparse.Namespace(batch_size=8, amp=False, compile=False, warmup=1, steps=2)

@@ -1,6 +1,7 @@
 """The class-conditional model through the scripts: train.py --conditional, sample.py --digit, evaluate.py
 --classify and --judge, an exact resume, and the digit judge's cache."""
 import json
+import math
 import os
 
 import pytest
@@ -134,3 +135,21 @@ def test_a_conditional_interpolation_pairs_images_of_one_digit_and_its_ends_are_
     assert torch.equal(out[:, 0], x_a) and torch.equal(out[:, -1], x_b)
     other = sample.interpolate(model, x_a, x_b, 4, (data.labels[a] + 1) % 10).reshape(3, 4, 1, 8, 8)
     assert not torch.equal(out[:, 1:-1], other[:, 1:-1])   # the label is an input of the row's decoding
+
+
+def test_the_frechet_distance_matches_the_closed_form_and_is_zero_for_one_set():
+    """Features whose sample covariances are diagonal (orthogonal zero-mean columns of a Hadamard matrix): the
+    distance is |mu_a - mu_b|^2 + sum (s_a - s_b)^2, in float64; 0 between a set and itself; symmetric."""
+    h = torch.tensor([[1.0]], dtype=torch.float64)
+    for _ in range(3):
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])           # 8 x 8 Sylvester-Hadamard
+    columns = h[:, 1:4]                                                        # zero mean, orthogonal
+    s_a, s_b, mu_a, mu_b = torch.tensor([[1.0, 2.0, 3.0], [2.0, 2.0, 5.0], [0.5, -1.0, 2.0], [0.0, 1.0, 2.0]],
+                                        dtype=torch.float64)
+    a, b = columns * s_a + mu_a, columns * s_b + mu_b
+    scale = math.sqrt(8 / 7)                                                   # the unbiased covariance's
+    expected = (mu_a - mu_b).square().sum() + ((s_a - s_b) * scale).square().sum()
+    assert abs(plumbing.frechet_distance(a, b) - expected.item()) < 1e-9
+    assert abs(plumbing.frechet_distance(b, a) - expected.item()) < 1e-9
+    features = torch.randn(200, 16, dtype=torch.float64)
+    assert abs(plumbing.frechet_distance(features, features)) < 1e-8

@@ -31,7 +31,8 @@ def test_mnist_loader_filters_resizes_and_keeps_the_pixel_grid(tmp_path, gz):
     assert x.min() >= 0 and x.max() <= 1
     assert torch.allclose(x * 255, (x * 255).round(), atol=1e-4)
     # a resize is a local average: the mean brightness survives it
-    src = torch.from_numpy(read_idx(os.path.join(root, 'MNIST', 'raw', 'train-images-idx3-ubyte' + ('.gz' if gz else ''))))
+    name = 'train-images-idx3-ubyte' + ('.gz' if gz else '')
+    src = torch.from_numpy(read_idx(os.path.join(root, 'MNIST', 'raw', name)))
     assert abs(ds.images.float().mean() - src[ds.labels.new_tensor([0, 2, 10, 12, 20, 22])].float().mean()) < 3
     test = ImageDataset('mnist', root, train=False, img_size=28, download=False)
     assert len(test) == 30 and test.images.shape == (30, 1, 28, 28)
@@ -44,7 +45,8 @@ def test_missing_mnist_offline_names_the_files_and_the_flag(tmp_path, monkeypatc
 
     def offline(root, *args, **kwargs):
         os.makedirs(os.path.join(root, 'MNIST', 'raw'), exist_ok=True)   # as torchvision does before it downloads
-        raise RuntimeError('Error downloading train-images-idx3-ubyte.gz:\n<urlopen error [Errno -2] Name or service not known>')
+        raise RuntimeError('Error downloading train-images-idx3-ubyte.gz:\n'
+                           '<urlopen error [Errno -2] Name or service not known>')
 
     monkeypatch.setattr(torchvision.datasets, 'MNIST', offline)
     with pytest.raises(DataNotFoundError) as info:

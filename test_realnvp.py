@@ -136,7 +136,8 @@ def test_model_logdet_matches_brute_force_jacobian(channels, size, scales, arch)
     # the flow alone, without pre-processing
     y, ldj_pre = model.preprocess(x, u)
     _, sldj_flow = model.flows(y, torch.zeros(1, dtype=torch.float64))
-    assert abs(sldj_flow.item() - logdet(lambda v: model.flows(v, torch.zeros(1, dtype=torch.float64))[0], y).item()) < 1e-9
+    brute = logdet(lambda v: model.flows(v, torch.zeros(1, dtype=torch.float64))[0], y)
+    assert abs(sldj_flow.item() - brute.item()) < 1e-9
     assert abs((ldj_pre + sldj_flow).item() - sldj.item()) < 1e-10
 
 
@@ -254,18 +255,9 @@ def test_bad_inputs_raise_value_error():
 
 
 def with_lecture_names(state):
-    """Our state dict under the names of the lecture's layers, which hold g and v through torch's
-    `parametrizations.weight_norm` (original0, original1), WNConv2d's inside a `conv`."""
-    renamed = {}
-    for key, value in state.items():
-        head, _, leaf = key.rpartition('.')
-        conv = '' if head.endswith('rescale') else '.conv'
-        leaf = {'weight_g': f'{conv}.parametrizations.weight.original0',
-                'weight_v': f'{conv}.parametrizations.weight.original1'}.get(leaf, f'.{leaf}')
-        if leaf == '.bias' and not head.endswith('norm'):
-            leaf = '.conv.bias'
-        renamed[head.replace('next_scale', 'next_block') + leaf] = value   # the lecture's _RealNVP names
-    return renamed
+    """Our state dict under the names of the lecture's layers: its `_RealNVP` is our `Scale`, `next_block` our
+    `next_scale` (the weight-normed layers have the lecture's names already)."""
+    return {key.replace('next_scale', 'next_block'): value for key, value in state.items()}
 
 
 @pytest.mark.skipif(not os.path.isfile(NOTEBOOK), reason='the lecture notebook (../shared/seed) is not here')
@@ -318,38 +310,46 @@ def test_param_groups_select_exactly_the_weight_norm_scales():
     groups = get_param_groups(model, 5e-5)
     scales, others = groups[0]['params'], groups[1]['params']
     assert groups[0]['weight_decay'] == 5e-5 and groups[1]['weight_decay'] == 0.0
-    wn = [m for m in model.modules() if isinstance(m, (WNConv2d, realnvp.Rescale))]
+    wn = [m.conv if isinstance(m, WNConv2d) else m for m in model.modules()
+          if isinstance(m, (WNConv2d, realnvp.Rescale))]
     assert len(scales) == len(wn) > 0
     # g has one entry per output channel; the direction v is not in the group
     for m in wn:
-        assert any(p is m.weight_g for p in scales)
-        assert all(p is not m.weight_v for p in scales)
+        assert any(p is m.parametrizations.weight.original0 for p in scales)
+        assert all(p is not m.parametrizations.weight.original1 for p in scales)
     assert len(scales) + len(others) == len(list(model.parameters()))
     assert not {id(p) for p in scales} & {id(p) for p in others}
 
 
-def test_weight_norm_layers_compute_what_torchs_parametrization_computes():
-    """WNConv2d holds g and v itself: the same output and gradients (float64) as an nn.Conv2d under torch's
-    `parametrizations.weight_norm` with the same values, and the same initial g (the norm of each output channel)."""
-    from torch.nn.utils.parametrizations import weight_norm
+def test_weight_normed_layers_compute_g_v_over_the_norm_of_v():
+    """A WNConv2d and a weight-normed Rescale against W = g * v / ||v|| computed by hand in float64 (the norm of
+    each output channel's weights), output and gradients; a fresh layer's W is the convolution's initial weight."""
     torch.manual_seed(0)
-    ours = WNConv2d(3, 5, kernel_size=3, padding=1).double()
+    layer = WNConv2d(3, 5, kernel_size=3, padding=1).double()
+    torch.manual_seed(0)
+    fresh = torch.nn.Conv2d(3, 5, 3, padding=1).double()
+    assert (layer.conv.weight - fresh.weight).abs().max() < 1e-7
+    weights = layer.conv.parametrizations.weight
     with torch.no_grad():
-        ours.weight_g.mul_(1.5)
-        torch_conv = weight_norm(torch.nn.Conv2d(3, 5, 3, padding=1).double())
-        torch_conv.bias.copy_(ours.bias)
-        torch_conv.parametrizations.weight.original0.copy_(ours.weight_g)
-        torch_conv.parametrizations.weight.original1.copy_(ours.weight_v)
-    fresh = WNConv2d(3, 5, kernel_size=3, padding=1)
-    assert torch.allclose(fresh.weight_g.flatten(), fresh.weight_v.flatten(1).norm(dim=1))
+        weights.original0.mul_(1.5)
+    g = weights.original0.detach().clone().requires_grad_()
+    v = weights.original1.detach().clone().requires_grad_()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-    a, b = ours(x), torch_conv(x)
-    assert (a - b).abs().max() < 1e-12
-    (a.square().sum()).backward()
-    (b.square().sum()).backward()
-    for mine, theirs in ((ours.weight_g, torch_conv.parametrizations.weight.original0),
-                         (ours.weight_v, torch_conv.parametrizations.weight.original1), (ours.bias, torch_conv.bias)):
-        assert (mine.grad - theirs.grad).abs().max() < 1e-10
+    by_hand = torch.nn.functional.conv2d(x, g * v / v.square().sum(dim=(1, 2, 3), keepdim=True).sqrt(),
+                                         layer.conv.bias, padding=1)
+    ours = layer(x)
+    assert (ours - by_hand).abs().max() < 1e-12
+    ours.square().sum().backward()
+    by_hand.square().sum().backward()
+    assert (weights.original0.grad - g.grad).abs().max() < 1e-10
+    assert (weights.original1.grad - v.grad).abs().max() < 1e-10
+    rescale = realnvp.weight_norm(realnvp.Rescale(4)).double()
+    with torch.no_grad():
+        rescale.parametrizations.weight.original0.copy_(torch.tensor([1.0, -2.0, 0.5, 3.0]).view(4, 1, 1))
+        rescale.parametrizations.weight.original1.copy_(torch.tensor([2.0, 0.5, -1.0, 4.0]).view(4, 1, 1))
+    h = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    expected = torch.tensor([1.0, -2.0, -0.5, 3.0], dtype=torch.float64).view(1, 4, 1, 1) * h   # g * sign(v)
+    assert (rescale(h) - expected).abs().max() < 1e-12
 
 
 def test_short_training_run_lowers_the_loss():
@@ -503,7 +503,7 @@ def test_the_class_prior_gives_log_p_x_given_y_as_a_gaussian_of_the_flow_latent_
     eps, sldj = model(x, noise=u, labels=labels)
     nll = RealNVPLoss(reduction='none')(eps, sldj)
     z, flow_sldj = model.flows(*model.preprocess(x, u), labels=labels)
-    mean, log_scale = model.prior.gaussian(labels)
+    mean, log_scale = LABEL_GAIN * model.prior.mean[labels], LABEL_GAIN * model.prior.log_scale[labels]
     prior = torch.distributions.Normal(mean, log_scale.exp())
     expected = -(prior.log_prob(z).flatten(1).sum(-1) + flow_sldj) + 16 * math.log(256)
     assert (nll - expected).abs().max() < 1e-9
@@ -557,21 +557,3 @@ def test_class_nll_is_the_model_nll_under_each_label():
         column = realnvp.nll_per_image(model, images, labels=torch.full((5,), y))
         assert (table[:, y] - column).abs().max() < 1e-9
     assert table.shape == (5, 3)
-
-
-def test_the_frechet_distance_matches_the_closed_form_and_is_zero_for_one_set():
-    """Features whose sample covariances are diagonal (orthogonal zero-mean columns of a Hadamard matrix): the
-    distance is |mu_a - mu_b|^2 + sum (s_a - s_b)^2, in float64; 0 between a set and itself; symmetric."""
-    h = torch.tensor([[1.0]], dtype=torch.float64)
-    for _ in range(3):
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])           # 8 x 8 Sylvester-Hadamard
-    columns = h[:, 1:4]                                                        # zero mean, orthogonal
-    s_a, s_b, mu_a, mu_b = torch.tensor([[1.0, 2.0, 3.0], [2.0, 2.0, 5.0], [0.5, -1.0, 2.0], [0.0, 1.0, 2.0]],
-                                        dtype=torch.float64)
-    a, b = columns * s_a + mu_a, columns * s_b + mu_b
-    scale = math.sqrt(8 / 7)                                                   # the unbiased covariance's
-    expected = (mu_a - mu_b).square().sum() + ((s_a - s_b) * scale).square().sum()
-    assert abs(realnvp.frechet_distance(a, b) - expected.item()) < 1e-9
-    assert abs(realnvp.frechet_distance(b, a) - expected.item()) < 1e-9
-    features = torch.randn(200, 16, dtype=torch.float64)
-    assert abs(realnvp.frechet_distance(features, features)) < 1e-8

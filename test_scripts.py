@@ -127,7 +127,7 @@ BAD_INPUT = [
     ('train.py', ['--image-size', '7', '--data-dir', '{data}'], 2, ['image size 7']),
     ('sample.py', ['--ckpt', '{tmp}/missing.pt'], 1, ['not found']),
     ('evaluate.py', ['--ckpt', '{corrupt}', '--data-dir', '{data}'], 1, ['cannot be read']),
-    ('sample.py', ['--ckpt', '{misfit}'], 1, ['do not fit its config', 'of another shape', 'in_conv']),
+    ('sample.py', ['--ckpt', '{misfit}'], 1, ['do not fit its config', 'size mismatch', 'in_conv']),
     ('train.py', ['--data-dir', '{empty}', '--out-dir', '{tmp}/new', *TINY_RUN], 1,
      ['MNIST not found', 'train-images-idx3-ubyte', '--data-dir']),
     ('train.py', ['--data-dir', '{data}', '--out-dir', '{run}', *TINY_RUN], 2,

@@ -113,7 +113,8 @@ def test_resume_continues_and_equals_the_uninterrupted_run(full_run, data_dir, t
     first = script('train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 2, '--max-steps', 10, *TINY_RUN)
     assert first.returncode == 0, first.stderr
     assert load(os.path.join(out, 'last.pt'))['state']['step'] == 10   # mid-way through epoch 2
-    second = in_process('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir, '--num-threads', 1)
+    second = in_process('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir,
+                        '--num-threads', 1)
     assert second.returncode == 0, second.stderr
     assert 'resumed from' in second.stdout
     assert_same_weights(os.path.join(out, 'last.pt'), os.path.join(full_run, 'last.pt'))
@@ -137,7 +138,8 @@ def test_ctrl_c_saves_and_resume_equals_the_uninterrupted_run(full_run, data_dir
     assert 'Traceback' not in stderr and 'interrupted at step' in stdout
     step = load(os.path.join(out, 'last.pt'))['state']['step']
     assert 1 <= step < 14
-    resumed = in_process('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir, '--num-threads', 1)
+    resumed = in_process('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir,
+                         '--num-threads', 1)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(os.path.join(out, 'last.pt'), os.path.join(full_run, 'last.pt'))
 
@@ -215,7 +217,8 @@ def test_resuming_an_older_checkpoint_never_overwrites_a_newer_one(full_run, dat
     assert folder_bytes(run) == before
     # branching into a new folder is the way: a new run, that says where it came from
     branch = str(tmp_path / 'branch')
-    result = in_process('train.py', '--resume', os.path.join(run, 'best.pt'), '--out-dir', branch, '--data-dir', data_dir)
+    result = in_process('train.py', '--resume', os.path.join(run, 'best.pt'), '--out-dir', branch,
+                        '--data-dir', data_dir)
     assert result.returncode == 0, result.stderr
     assert folder_bytes(run) == before
     config = json.load(open(os.path.join(branch, 'config.json')))
@@ -245,7 +248,8 @@ def test_resuming_on_other_data_is_refused(full_run, tmp_path, in_process):
 
 
 @pytest.mark.slow
-def test_a_second_training_into_a_folder_in_use_is_refused_and_a_killed_ones_lock_is_not(data_dir, tmp_path, in_process):
+def test_a_second_training_into_a_folder_in_use_is_refused_and_a_killed_ones_lock_is_not(data_dir, tmp_path,
+                                                                                       in_process):
     out = str(tmp_path / 'busy')
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', **OFFLINE}
     first = subprocess.Popen([sys.executable, os.path.join(HERE, 'train.py'), '--data-dir', data_dir, '--out-dir',
@@ -489,7 +493,8 @@ def test_a_run_killed_before_its_first_checkpoint_is_restarted_as_one_run(data_d
 
 
 @pytest.mark.slow
-def test_a_run_killed_between_best_and_last_resumes_from_best_and_a_new_run_is_pointed_there(data_dir, tmp_path, in_process):
+def test_a_run_killed_between_best_and_last_resumes_from_best_and_a_new_run_is_pointed_there(data_dir, tmp_path,
+                                                                                            in_process):
     out = str(tmp_path / 'run')
     killed = script_killed_after_writes(2, 'train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 2,
                                         *TINY_RUN)

@@ -59,7 +59,9 @@ def lecture_curve(args, config, train_images, test_images, device):
 
     def nll(batch):   # each image gets its batch's mean NLL (the lecture's loss): the mean over images stays exact
         return loss_fn(*model(to_unit(batch.to(device)), reverse=False)).expand(len(batch))
-    points, seconds, done = [], 0.0, 0
+    points = []
+    seconds = 0.0
+    done = 0
     for steps in args.steps:
         model.train()
         start = time.perf_counter()
@@ -84,7 +86,8 @@ def recipe_curve(recipe, args, folder, test_images, epochs):
                 '--num-blocks', str(args.num_blocks), '--amp' if args.amp else '--no-amp',
                 *(['--device', args.device] if args.device else []),
                 *(['--num-threads', str(args.num_threads)] if args.num_threads else [])]
-    points, last = [], os.path.join(folder, 'last.pt')
+    points = []
+    last = os.path.join(folder, 'last.pt')
     for steps in args.steps:
         where = ['--resume', last] if points else ['--out-dir', folder, *settings]
         with redirect_stdout(sys.stderr):
@@ -120,7 +123,8 @@ def plot(result, path, title):
         line, = ax.plot(minutes, [min(p['bpd'], top) for p in points], marker='o', label=name)
         beyond = [m for m, p in zip(minutes, points) if p['bpd'] > top]
         ax.plot(beyond, [top] * len(beyond), linestyle='none', marker='^', markersize=10, color=line.get_color())
-    ax.axhline(target, color='gray', linestyle='--', linewidth=1, label=f"the lecture code at {result['steps'][-1]} steps")
+    ax.axhline(target, color='gray', linestyle='--', linewidth=1,
+               label=f"the lecture code at {result['steps'][-1]} steps")
     lowest = min(p['bpd'] for points in result['curves'].values() for p in points)
     ax.set_ylim(lowest - 0.2, top + 0.1)
     ax.plot([], [], linestyle='none', marker='^', color='gray', label=f'beyond {top:.2f}')
@@ -158,8 +162,8 @@ def main(argv=None):
         curves[f'--recipe {recipe}'] = recipe_curve(recipe, args, os.path.join(args.out, f'recipe-{recipe}'),
                                                     test_set.images, epochs)
     target = curves['lecture code'][-1][2]
-    result = dict(target_bpd=target, steps=args.steps, test_images=CURVE_TEST_IMAGES, epochs=epochs,
-                  curves={name: [dict(step=s, seconds=t, bpd=b) for s, t, b in points] for name, points in curves.items()},
+    listed = {name: [dict(step=s, seconds=t, bpd=b) for s, t, b in points] for name, points in curves.items()}
+    result = dict(target_bpd=target, steps=args.steps, test_images=CURVE_TEST_IMAGES, epochs=epochs, curves=listed,
                   seconds_to_target={name: time_to_reach(points, target) for name, points in curves.items()})
     rows = ['curve,step,seconds,test_bpd'] + [f'{name},{s},{t:.1f},{b:.5f}' for name, points in curves.items()
                                                for s, t, b in points]

@@ -125,7 +125,8 @@ def add_run_flags(p):
 
 def parse_args(argv=None):
     """(args, checkpoint or None, device): the flags, with the recipe's and --resume's settings; bad input exits 2."""
-    parser, argv = build_parser(), sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     given = P.given_flags(build_parser, argv)
     args.digits = sorted(set(args.digits)) if args.digits else None
@@ -148,9 +149,6 @@ def parse_args(argv=None):
                              f'there is nothing to train; give a larger --epochs')
         if args.out_dir:
             P.check_writable_folder(args.out_dir, f'--out-dir {args.out_dir}')
-        own = P.check_run_folder(args.out_dir, ckpt, args.resume) if args.out_dir else None
-        args.run_id = own or uuid.uuid4().hex[:12]
-        args.branched_from = ckpt['run_id'] if ckpt is not None and own is None else None
         return args, ckpt, device
     except ValueError as e:
         parser.error(str(e))
@@ -315,8 +313,13 @@ def refresh_batch_norm(model, batches):
 
 class Trainer:
     def __init__(self, args, run, dist, data, model, average, optimizer, state):
-        self.args, self.run, self.dist, self.data, self.state = args, run, dist, data, state
-        self.model, self.average = model, average
+        self.args = args
+        self.run = run
+        self.dist = dist
+        self.data = data
+        self.state = state
+        self.model = model
+        self.average = average
         self.guard = SkipGuard(model, optimizer, args.max_grad_norm, dist.reduce_max)
         net = dist.wrap(model)
         self.net = P.compile_model(net, dist.device) if args.compile else net
@@ -334,16 +337,21 @@ class Trainer:
                     self.end_epoch(seconds, images)
             except Stop as stop:
                 return self.leave(stop)
-        s, last = self.state, self.run.path('last.pt')
-        self.run.log(f'reached --max-steps {self.args.max_steps} at step {s.step}: saved {last}; continue with '
-                     f'--resume {last}' if s.epoch < self.args.epochs else
-                     f'done: step {s.step}, best test bpd {s.best_bpd:.4f}; checkpoints in {self.run.dir}' if s.epoch
-                     else f'done: --epochs {self.args.epochs} trains nothing; no checkpoint written')
+        s = self.state
+        last = self.run.path('last.pt')
+        if s.epoch < self.args.epochs:
+            self.run.log(f'reached --max-steps {self.args.max_steps} at step {s.step}: saved {last}; continue with '
+                         f'--resume {last}')
+        elif s.epoch:
+            self.run.log(f'done: step {s.step}, best test bpd {s.best_bpd:.4f}; checkpoints in {self.run.dir}')
+        else:
+            self.run.log(f'done: --epochs {self.args.epochs} trains nothing; no checkpoint written')
         self.dist.check_ranks_agree(self.model, self.run.log)
         return 0
 
     def announce(self):
-        args, s = self.args, self.state
+        args = self.args
+        s = self.state
         if args.resume:
             self.run.log(f'resumed from {args.resume} at epoch {s.epoch}, step {s.step}'
                          + (f', branching into {self.run.dir} as run {args.run_id}' if args.branched_from else ''))
@@ -363,7 +371,9 @@ class Trainer:
 
     def train_epoch(self, interrupt):
         """Train the rest of the current epoch; returns its (seconds, images), or raises Stop."""
-        s, args, steps = self.state, self.args, self.steps_per_epoch()
+        s = self.state
+        args = self.args
+        steps = self.steps_per_epoch()
         batch = args.batch_size // self.dist.world
         order = epoch_order(len(self.data.train), args.seed, s.epoch, steps, batch, self.dist).to(self.dist.device)
         first = s.step - s.epoch * steps   # batches of this epoch already done (resume)
@@ -428,7 +438,8 @@ class Trainer:
         if is_best:
             self.run.write('best.pt', blob)
         self.rows.append(dict(epoch=s.epoch, step=s.step, train_bpd=f'{train_bpd:.5f}', test_bpd=f'{bpd:.5f}',
-                              skipped_steps=s.skipped, seconds=f'{seconds:.1f}', images_per_s=f'{images / seconds:.1f}'))
+                              skipped_steps=s.skipped, seconds=f'{seconds:.1f}',
+                              images_per_s=f'{images / seconds:.1f}'))
         self.run.write_metrics(self.rows)
         if self.run.active and (s.epoch == 1 or s.epoch % self.args.sample_every == 0):
             classes = self.model.config.num_classes
@@ -458,7 +469,8 @@ class Trainer:
         """--bn-refresh batches of training images with their dequantisation noise (and labels, or None), drawn
         from a generator seeded by the seed and the step: the same on every rank and after a resume, and the
         training random numbers are not touched."""
-        g, labels = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.step), self.data.train_labels
+        g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.step)
+        labels = self.data.train_labels
         n = min(len(self.data.train), self.args.bn_refresh * self.args.batch_size)
         for idx in torch.randperm(len(self.data.train), generator=g)[:n].split(self.args.batch_size):
             x = to_unit(self.data.train[idx.to(self.dist.device)])
@@ -516,19 +528,29 @@ def main(argv=None):
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     P.set_determinism(args.deterministic, device)
-    dist, run = P.Dist(device, args.log_every), None
+    dist = P.Dist(device, args.log_every)
+    run = None
     try:
         if args.batch_size % dist.world != 0:
             P.die('train.py', f'--batch-size {args.batch_size} must be divisible by the {dist.world} processes', 2)
-        args.out_dir, args.run_id = dist.broadcast((args.out_dir or os.path.join(  # rank 0's, on every rank
-            'runs', time.strftime('%Y%m%d-%H%M%S-') + args.run_id[:4]), args.run_id))
-        data = P.load_run_data(args, dist, ckpt)
+        new_id = uuid.uuid4().hex[:12]
+        default_dir = os.path.join('runs', time.strftime('%Y%m%d-%H%M%S-') + new_id[:4])
+        args.out_dir = dist.broadcast(args.out_dir or default_dir)   # rank 0's, on every rank
         run = P.RunFolder(args.out_dir, active=dist.rank == 0)
-        record = dict(run_id=args.run_id, branched_from=args.branched_from, args=vars(args), data=data.fingerprint,
-                      model=asdict(P.config_from_args(args)), world_size=dist.world)
-        refused = dist.broadcast(run.take(ckpt, args.resume, record) if run.active else None)   # holds the lock
+        try:
+            own = run.take(ckpt, args.resume) if run.active else None   # holds the lock from here on
+            refused = None
+        except P.FolderRefused as e:
+            own = None
+            refused = (str(e), e.code)
+        own, refused = dist.broadcast((own, refused))
         if refused:
-            P.die('train.py', refused)
+            P.die('train.py', *refused)
+        args.run_id = own or dist.broadcast(new_id)
+        args.branched_from = ckpt['run_id'] if ckpt is not None and own is None else None
+        data = P.load_run_data(args, dist, ckpt)
+        run.record(dict(run_id=args.run_id, branched_from=args.branched_from, args=vars(args), data=data.fingerprint,
+                        model=asdict(P.config_from_args(args)), world_size=dist.world))
         torch.manual_seed(args.seed)
         model = RealNVP(P.config_from_args(args)).to(dist.device)
         optimizer = make_optimizer(model, args.lr, args.weight_decay)
