@@ -444,8 +444,9 @@ def benchmark(args):
     config = P.config_from_args(args)
     P.check_memory(P.memory_needed(config, args.batch_size, args.batch_size), f'a training step of {args.batch_size} '
                    f'images', 'a smaller --batch-size')
+    before_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux KiB: torch and the modules
     result = dict(config=vars(args) | {'device': str(device), 'threads': torch.get_num_threads()},
-                  **measure_flops(config))
+                  memory_before_model_mb=before_model, **measure_flops(config))
     if args.flops_only:
         return result
     result.update(measure_training(args, config, device))
@@ -476,6 +477,7 @@ TABLE = [
     ('sample_images_per_s', 'sampling images/s', '{:.1f}'),
     ('eval_images_per_s', 'evaluation images/s', '{:.1f}'),
     ('peak_memory_mb', 'peak memory, MiB', '{:.0f}'),
+    ('memory_before_model_mb', 'process memory before the model is built (RSS), MiB', '{:.0f}'),
     ('saved_for_backward_mib_per_image', 'kept for the backward pass, MiB an image (fp32)', '{:.1f}'),
     ('saved_for_backward_mib_fixed', 'kept for the backward pass, MiB besides (weights)', '{:.0f}'),
     ('peak_memory_kind', 'measured as', '{}'),

@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import sys
 
 import torch
 
@@ -54,8 +55,8 @@ def build_parser():
            'split (the first time; cached under --runs-dir): the Frechet distance of its features to the test '
            'images\' (fd), the same for training images (fd_floor), the labels it gives, and for a '
            '--conditional model how often it sees the asked digit')
-    a('--n', type=P.positive_int, default=10_000, help='with --judge: samples to draw (default 10000)')
-    a('--temperature', type=P.positive_float, default=1.0, help='with --judge: z ~ N(0, T^2 I) (default 1)')
+    a('--n', type=P.positive_int, help='with --judge: samples to draw, at least 2 (default 10000)')
+    a('--temperature', type=P.positive_float, help='with --judge: z ~ N(0, T^2 I) (default 1)')
     a('--json', action='store_true', help='print one JSON object instead of sentences')
     return p
 
@@ -121,30 +122,35 @@ def write_per_image(labels, bpd, path):
 def judge_samples(args, model, ckpt, device):
     """--judge: the Fréchet distance of --n samples to the test images in the judge's features, its floor
     (training against test images), the histogram of the judge's labels, and for a conditional model the share
-    of each asked digit that the judge labels as that digit."""
+    of each asked digit (the digits it was trained on, in turn) that the judge labels as that digit. The judge is
+    trained on every digit of the data set, whatever digits the run kept."""
     try:
-        train = P.checkpoint_dataset(ckpt, train=True, data_dir=args.data_dir)
-        test = P.checkpoint_dataset(ckpt, train=False, data_dir=args.data_dir)
+        train = P.checkpoint_dataset(ckpt, train=True, data_dir=args.data_dir, every_label=True)
+        test = P.checkpoint_dataset(ckpt, train=False, data_dir=args.data_dir, every_label=True)
     except (ValueError, DataNotFoundError) as e:
         P.die('evaluate.py', e)
     log = (lambda line: None) if args.json else print
     judge, accuracy = P.load_judge(train, test, os.path.join(args.runs_dir, 'judges'), device, log)
-    k = model.config.num_classes
-    asked = P.class_labels(range(k), 1, device).repeat(-(-args.n // k))[:args.n] if k else None   # in turn
+    digits = P.trained_labels(ckpt) if model.config.num_classes else None
+    asked = torch.tensor(digits, device=device).repeat(-(-args.n // len(digits)))[:args.n] if digits else None
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    samples = torch.cat([model.sample(len(part), args.temperature, generator, None if k == 0 else asked[part])
+    samples = torch.cat([model.sample(len(part), args.temperature, generator, None if digits is None else asked[part])
                          for part in torch.arange(args.n, device=device).split(1024)])
     test_feats, _ = P.judge_features(judge, test.images)
     sample_feats, seen = P.judge_features(judge, samples.float())
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:len(test)]
     train_feats, _ = P.judge_features(judge, train.images[pick])
-    result = dict(fd=P.frechet_distance(sample_feats, test_feats), fd_floor=P.frechet_distance(train_feats, test_feats),
-                  judge_test_accuracy=accuracy, temperature=args.temperature, samples=args.n,
+    try:
+        fd = P.frechet_distance(sample_feats, test_feats)
+        fd_floor = P.frechet_distance(train_feats, test_feats)
+    except ValueError as e:   # the judge's weights, or the samples, are not finite
+        P.die('evaluate.py', e)
+    result = dict(fd=fd, fd_floor=fd_floor, judge_test_accuracy=accuracy, temperature=args.temperature, samples=args.n,
                   label_histogram=torch.bincount(seen, minlength=10).tolist())
-    if k:
+    if digits:
         hit = seen == asked.cpu()
         result['judge_accuracy'] = hit.double().mean().item()
-        result['judge_accuracy_per_digit'] = [hit[asked.cpu() == d].double().mean().item() for d in range(k)]
+        result['judge_accuracy_per_digit'] = {d: hit[asked.cpu() == d].double().mean().item() for d in digits}
     return result
 
 
@@ -205,13 +211,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.breakdown and args.dequant_samples > 1:
         parser.error('--breakdown splits one dequantisation draw; drop --dequant-samples')
-    if args.classify and (args.breakdown or args.dequant_samples > 1):
-        parser.error('--classify takes one dequantisation draw and no --breakdown')
+    if not args.judge and (args.n is not None or args.temperature is not None):
+        parser.error('--n and --temperature set the samples that --judge draws: add --judge, or drop them')
+    args.n = 10_000 if args.n is None else args.n
+    args.temperature = 1.0 if args.temperature is None else args.temperature
+    if args.n < 2:
+        parser.error(f'--n {args.n}: the Frechet distance of --judge needs at least 2 samples')
     model, ckpt, ckpt_path = P.open_checkpoint('evaluate.py', args)
     conditional = model.config.num_classes > 0
     if args.classify and not conditional:
         P.die('evaluate.py', f'--classify needs a class-conditional checkpoint (train.py --conditional); {ckpt_path} '
                              f'is unconditional', 2)
+    if args.classify and (args.breakdown or args.dequant_samples > 1):
+        parser.error('--classify takes one dequantisation draw and no --breakdown')
     if args.breakdown and conditional:
         P.die('evaluate.py', '--breakdown splits an unconditional model\'s bpd; this checkpoint is '
                              'class-conditional', 2)
@@ -266,8 +278,8 @@ def write_outputs(paths, images, labels, bpd, worst):
 
 
 def report(args, result):
-    if args.json:
-        print(json.dumps(result))
+    if args.json:   # a value that is not defined (the standard error of one image) is null
+        print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()}))
         return
     print(f'{args.split} bpd {result["bpd"]:.4f} ± {result["stderr"]:.4f} (standard error, {result["images"]} images, '
           f'K = {args.dequant_samples}; worst image {result["worst_bpd"]:.2f}) for {result["ckpt"]} '
@@ -290,4 +302,8 @@ def report(args, result):
 
 
 if __name__ == '__main__':
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        print('evaluate.py: interrupted; nothing was written', file=sys.stderr)
+        raise SystemExit(130)

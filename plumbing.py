@@ -176,9 +176,10 @@ def check_output_file(path, what, extensions=None):
         raise ValueError(f'{what}: {path} is a folder; give a file name')
     if extensions and os.path.splitext(path)[1].lower() not in extensions:
         raise ValueError(f'{what}: {path} needs one of the extensions {", ".join(extensions)}')
-    check_writable_folder(path, what)   # the file's own name, and its folder
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise ValueError(f'{what}: {path} is not writable')
+    name = os.path.basename(path)
+    if len(name.encode()) > 255:
+        raise ValueError(f'{what}: the name {name[:40]}... is longer than the 255 bytes a file name can have')
+    check_writable_folder(os.path.dirname(os.path.abspath(path)), what)   # a file there is replaced atomically
 
 
 def memory_needed(config, train_batch=0, eval_batch=0):
@@ -254,11 +255,32 @@ def write_atomically(data, path):
             os.fsync(folder)
         finally:
             os.close(folder)
-    except OSError as e:
+    except BaseException as e:   # a full disk, or Ctrl-C: no temporary left behind
         if os.path.exists(tmp):
             os.remove(tmp)
+        if not isinstance(e, OSError):
+            raise
         raise CheckpointError(f'could not write {path}: {e.strerror or e}; the file there before is '
                               f'untouched') from None
+
+
+def remove_dead_temporaries(folder):
+    """Remove the project's temporaries (<file>.realnvp-tmp<pid>) in `folder` whose process is gone: what a kill
+    mid-write leaves. A live process's temporary is its write in progress, and is left alone."""
+    for name in os.listdir(folder):
+        match = re.fullmatch(r'.+' + re.escape(TMP_MARK) + r'(\d+)', name)
+        if match and not process_alive(int(match.group(1))):
+            os.remove(os.path.join(folder, name))
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
 
 
 def checkpoint_bytes(obj):
@@ -433,11 +455,17 @@ def restore(ckpt, model, average, optimizer, rank, device):
     return state
 
 
-def checkpoint_dataset(ckpt, train=False, data_dir=None):
-    """The data set a checkpoint's run trained on (its name, digits and image size), from `data_dir` or the run's."""
+def checkpoint_dataset(ckpt, train=False, data_dir=None, every_label=False):
+    """The data set a checkpoint's run trained on (its name, digits and image size), from `data_dir` or the run's;
+    with `every_label`, all of that data set's labels, whatever digits the run kept."""
     saved = ckpt.get('args', {})
     return ImageDataset(saved.get('dataset', 'mnist'), data_dir or saved.get('data_dir', './data'), train=train,
-                        img_size=ckpt['config']['img_size'], digits=saved.get('digits'))
+                        img_size=ckpt['config']['img_size'], digits=None if every_label else saved.get('digits'))
+
+
+def trained_labels(ckpt):
+    """The labels a class-conditional checkpoint's model was trained on: its run's --digits, or all its classes."""
+    return ckpt.get('args', {}).get('digits') or list(range(ckpt['config']['num_classes']))
 
 
 def data_fingerprint(train, test):
@@ -479,6 +507,10 @@ def frechet_distance(a, b):
     """Fréchet distance between Gaussians fitted to two feature sets (N, F) and (M, F), in float64:
     |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)). tr (S_a S_b)^(1/2) is the sum of the square roots of
     the eigenvalues of S_a^(1/2) S_b S_a^(1/2), a symmetric matrix with the same eigenvalues as S_a S_b."""
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f'the Frechet distance needs at least 2 samples a set, got {len(a)} and {len(b)}')
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise ValueError('the features are not finite: the judge, or the samples, hold NaN or infinite values')
     a, b = a.double(), b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
@@ -535,40 +567,54 @@ def judge_accuracy(judge, images, labels):
 def load_judge(train_set, test_set, cache_dir, device, log=print):
     """The digit judge for these data: from `cache_dir`/judge-<data hash>.pt, or trained and cached there the
     first time. The file is keyed by the data's fingerprint (which covers the image size); one whose recorded
-    data are not these is refused and left as it is, and a judge is trained for this call alone."""
+    data are not these is refused and left as it is, and a judge is trained for this call alone. A file that
+    cannot be read is set aside as <file>.damaged and replaced; a cache that cannot be written is said in one line,
+    and the judge is used all the same."""
     fingerprint = data_fingerprint(train_set.images, test_set.images)
     path = os.path.join(cache_dir, f'judge-{fingerprint["sha256"]}.pt')
-    there = os.path.isfile(path)
-    if there:
+    foreign = False
+    if os.path.exists(path):
         try:
             cached = torch.load(path, map_location='cpu', weights_only=True)
-            if cached['data'] == fingerprint:
+            foreign = cached['data'] != fingerprint
+            if not foreign:
                 judge = DigitJudge(*cached['shape']).to(device)
                 judge.load_state_dict(cached['model'])
+                if non_finite_tensor(cached['model']) is not None:
+                    raise ValueError('its weights are not finite')
                 log(f'digit judge {path}: test accuracy {cached["test_accuracy"]:.2%}')
                 return judge.eval(), cached['test_accuracy']
             log(f'{path} was trained on other data: not used; training a judge for these')
-        except (OSError, RuntimeError, KeyError, TypeError, ValueError) as e:
-            log(f'{path} cannot be read ({one_line(e)}): not used; training a judge for these')
+        except Exception as e:   # anything torch.load or a damaged file can raise: EOFError, pickle's errors, ...
+            log(f'{path} cannot be used ({one_line(e)}): set aside as {path}.damaged; training a judge')
+            try:
+                os.replace(path, path + '.damaged')
+            except OSError:
+                pass   # the write below says what it can
     judge, accuracy = train_judge(train_set, test_set, device)
-    if not there:
+    note = ''
+    if not foreign:
         shape = (train_set.images.shape[1], train_set.images.shape[-1])
-        write_atomically(checkpoint_bytes(dict(model=judge.state_dict(), shape=shape, data=fingerprint,
-                                               test_accuracy=accuracy)), path)
-    log(f'digit judge trained: test accuracy {accuracy:.2%}' + ('' if there else f'; cached in {path}'))
+        try:
+            write_atomically(checkpoint_bytes(dict(model=judge.state_dict(), shape=shape, data=fingerprint,
+                                                   test_accuracy=accuracy)), path)
+            note = f'; cached in {path}'
+        except CheckpointError as e:
+            note = f'; not cached ({one_line(e)})'
+    log(f'digit judge trained: test accuracy {accuracy:.2%}{note}')
     return judge, accuracy
 
 
 def find_checkpoint(runs_dir='runs'):
-    """The newest run's best.pt (or last.pt) under `runs_dir`."""
+    """The best.pt (or last.pt) of the run under `runs_dir` that wrote a checkpoint last: what else was written into
+    a run folder since (a sample grid, an evaluation's PNG) does not make it newer."""
     candidates = []
     if os.path.isdir(runs_dir):
         for run in os.listdir(runs_dir):
-            for name in ('best.pt', 'last.pt'):
-                path = os.path.join(runs_dir, run, name)
-                if os.path.isfile(path):
-                    candidates.append((os.path.getmtime(os.path.join(runs_dir, run)), path))
-                    break
+            saved = [os.path.join(runs_dir, run, name) for name in ('best.pt', 'last.pt')]
+            saved = [path for path in saved if os.path.isfile(path)]
+            if saved:
+                candidates.append((max(map(os.path.getmtime, saved)), saved[0]))
     if not candidates:
         raise CheckpointError(f'no checkpoint found under {runs_dir}/; train one with train.py or pass --ckpt PATH')
     return max(candidates)[1]
@@ -811,10 +857,8 @@ class RunFolder:
             self.lock.truncate(0)
             self.lock.write(f'{os.getpid()}\n')
             self.lock.flush()
+            remove_dead_temporaries(self.dir)   # before the check: a kill mid-write of config.json leaves one
             own = check_run_folder(self.dir, ckpt, resume)
-            for name in os.listdir(self.dir):
-                if re.fullmatch(r'.+' + re.escape(TMP_MARK) + r'\d+', name):
-                    os.remove(self.path(name))
         except ValueError as e:   # the folder holds another run, or files that are not a run's
             raise FolderRefused(str(e), 2) from None
         except OSError as e:

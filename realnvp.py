@@ -696,6 +696,9 @@ class ImageDataset(torch.utils.data.Dataset):
             raise ValueError(f'unknown data set {name!r}; choose one of {", ".join(DATASETS)}')
         loader = load_mnist if name == 'mnist' else load_cifar10
         images, labels = loader(data_dir, train=train, download=download)
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < 10:
+            raise ValueError(f'the {name} labels in {data_dir} lie outside 0-9 ({int(labels.min())} to '
+                             f'{int(labels.max())}): not the data set\'s files')
         if digits:
             keep = torch.isin(labels, torch.tensor(sorted(set(digits)), dtype=labels.dtype))
             if not keep.any():

@@ -8,6 +8,7 @@
 import argparse
 import math
 import os
+import sys
 
 import torch
 
@@ -78,9 +79,10 @@ def to_8bit(v):
 MAX_GRID = 4096  # images in one PNG: a 64x64 grid, 3,600 pixels a side at 14x14 and 4x
 
 
-def check_args(parser, args):
-    """What argparse cannot check: the grid's size, in images and in memory (exit 2 with one line)."""
-    count = args.pairs * args.steps if args.interpolate else args.n * (len(args.digit) if args.digit else 1)
+def check_args(parser, args, rows):
+    """What argparse cannot check: the grid's size (`rows` of --n samples, or the interpolations), in images and in
+    memory (exit 2 with one line)."""
+    count = args.pairs * args.steps if args.interpolate else args.n * rows
     if count > MAX_GRID:
         what = f'--pairs {args.pairs} x --steps {args.steps}' if args.interpolate else f'--n {args.n}'
         parser.error(f'{what} asks for {count} images in one grid; at most {MAX_GRID} fit a PNG')
@@ -112,12 +114,19 @@ def output_path(args, ckpt_path):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_args(parser, args)
+    if args.interpolate and args.digit:
+        parser.error('--digit draws samples of a digit, --interpolate pairs test images: give one of them')
     model, ckpt, ckpt_path = P.open_checkpoint('sample.py', args)
     classes = model.config.num_classes
     if args.digit and not classes:
         P.die('sample.py', f'--digit needs a class-conditional checkpoint (train.py --conditional); {ckpt_path} is '
                            f'unconditional', 2)
+    digits = (args.digit or P.trained_labels(ckpt)) if classes else None
+    untrained = sorted(set(digits or ()) - set(P.trained_labels(ckpt) if classes else ()))
+    if untrained:
+        P.die('sample.py', f'--digit {" ".join(map(str, untrained))}: the model of {ckpt_path} was trained on the '
+                           f'digits {" ".join(map(str, P.trained_labels(ckpt)))} only', 2)
+    check_args(parser, args, len(digits) if digits else 1)
     out = output_path(args, ckpt_path)
     try:
         P.check_memory(P.memory_needed(model.config, eval_batch=256), 'decoding 256 latents at a time', 'a machine '
@@ -143,7 +152,7 @@ def main(argv=None):
         nrow = args.steps
     else:
         generator = torch.Generator(device=device).manual_seed(args.seed)
-        labels = P.class_labels(args.digit or range(classes), args.n, device) if classes else None
+        labels = P.class_labels(digits, args.n, device) if classes else None
         images = model.sample(args.n if labels is None else len(labels), args.temperature, generator, labels)
         nrow = math.ceil(math.sqrt(args.n)) if labels is None else args.n
     if not torch.isfinite(images).all():
@@ -158,4 +167,8 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        print('sample.py: interrupted; nothing was written', file=sys.stderr)
+        raise SystemExit(130)

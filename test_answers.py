@@ -148,8 +148,8 @@ def performance_table_fp32(label):
 
 def test_answers_memory_and_speed_are_those_of_their_one_source():
     """answers.md, question 4: the peak memory and the GFLOP/s it quotes are docs/performance.md's fp32 figures,
-    the minutes an epoch takes follow from them and the FLOP table, and what a step keeps for its backward pass
-    is what bench.saved_for_backward counts for the default model."""
+    the minutes an epoch takes follow from them and the FLOP table, what a step keeps for its backward pass is what
+    bench.saved_for_backward counts for the default model, and the peak's parts add up to it."""
     import bench
     text = ' '.join(open(ANSWERS).read().split())
     peak = re.search(r'peaks at ([\d,]+) MiB', text).group(1)
@@ -161,3 +161,37 @@ def test_answers_memory_and_speed_are_those_of_their_one_source():
     per_image, fixed = bench.saved_for_backward(RealNVPConfig())
     assert f'{per_image:.1f} MiB an image, about {per_image * 128 / 1024:.1f} GiB at batch 128, plus {fixed:.0f} MiB' \
         in text
+    # the peak's parts: the process before the model (measured), five copies of the weights (weights, gradients,
+    # Adam's two moments, the weight average), what the step keeps for its backward pass, and what is left
+    mib = lambda pattern: int(re.search(pattern, text).group(1).replace(',', ''))
+    base = mib(r'Of that, ([\d,]+) MiB is the process')
+    assert f'{base:,}' == performance_table_fp32('process memory before the model')
+    state = 5 * 4 * bench.count_flops(RealNVPConfig())[0] / 2 ** 20
+    assert mib(r'([\d,]+) MiB are the weights, their gradients') == round(state)
+    rest = int(peak.replace(',', '')) - base - state - 128 * per_image - fixed
+    assert mib(r'the remaining ([\d,]+) MiB') == round(rest) > 0
+
+
+def test_answers_jacobian_cost_and_channel_parameters():
+    """answers.md, question 4: forming one 3x32x32 image's Jacobian (3072 input-only backward passes, each about a
+    forward pass) costs about 1,000 one-image training steps, 8 of a batch of 128; and 3 channels instead of 1 add
+    the parameters it names, in the s/t networks' first and last convolutions and the per-channel layers."""
+    import bench
+    text = ' '.join(open(ANSWERS).read().split())
+    _, forward, step = bench.count_flops(RealNVPConfig(in_channels=3, img_size=32))
+    steps = 3072 * forward / step
+    assert 'about 1,000 training steps of one image (8 of a batch of 128)' in text
+    assert round(steps, -2) == 1000 and round(steps / 128) == 8
+
+    def by_kind(model):
+        counts = {'first': 0, 'last': 0, 'other': 0}
+        for name, p in model.named_parameters():
+            outer = '.blocks.' not in name   # the ResNet's own in_conv and out_conv, not a residual block's
+            kind = 'first' if outer and '.in_conv.' in name else 'last' if outer and '.out_conv.' in name else 'other'
+            counts[kind] += p.numel()
+        return counts
+    one, three = by_kind(RealNVP()), by_kind(RealNVP(in_channels=3, img_size=32))
+    added = {kind: three[kind] - one[kind] for kind in one}
+    assert (f'3×32×32 has {sum(added.values()):,} more than 1×14×14, {added["first"]:,} in the s/t networks\' first '
+            f'convolutions, {added["last"]:,} in their last 1×1 convolutions and {added["other"]:,} in the '
+            f'per-channel layers') in text

@@ -97,7 +97,7 @@ def test_judge_reports_the_distance_its_floor_and_the_asked_digits_and_caches_th
     assert result.returncode == 0 and 'training the digit judge' not in result.stderr   # the cache, not a new one
     r = json.loads(result.stdout)
     assert sum(r['label_histogram']) == 30 and len(r['judge_accuracy_per_digit']) == 10   # 3 samples a digit
-    assert r['judge_accuracy'] == pytest.approx(sum(r['judge_accuracy_per_digit']) / 10, abs=1e-12)
+    assert r['judge_accuracy'] == pytest.approx(sum(r['judge_accuracy_per_digit'].values()) / 10, abs=1e-12)
     assert os.listdir(os.path.join(runs, 'judges')) == [cached]
 
 
@@ -153,3 +153,79 @@ def test_the_frechet_distance_matches_the_closed_form_and_is_zero_for_one_set():
     assert abs(plumbing.frechet_distance(b, a) - expected.item()) < 1e-9
     features = torch.randn(200, 16, dtype=torch.float64)
     assert abs(plumbing.frechet_distance(features, features)) < 1e-8
+
+
+def test_a_model_of_some_digits_draws_only_those_and_is_judged_by_a_judge_of_all_ten(data_dir, tmp_path,
+                                                                                      in_process):
+    """A conditional model trained on --digits 0 1: asking it for a 7 is one line (exit 2), its default grid has a
+    row of each of its two digits, and --judge asks for those two only, judged by a judge trained and tested on all
+    ten digits of the split."""
+    import train
+    run = str(tmp_path / 'run')
+    assert train.main(['--data-dir', data_dir, '--out-dir', run, '--epochs', '1', '--conditional', '--digits', '0',
+                       '1', *TINY_RUN]) == 0
+    best = os.path.join(run, 'best.pt')
+    assert_one_line_error(in_process('sample.py', '--ckpt', best, '--digit', '7'), 2, '--digit 7',
+                          'trained on the digits 0 1 only')
+    drawn = in_process('sample.py', '--ckpt', best, '--n', 3, '--scale', 1, '--out', tmp_path / 'grid.png')
+    assert drawn.returncode == 0 and '(6 images' in drawn.stdout, drawn.stdout
+    judged = in_process('evaluate.py', '--ckpt', best, '--judge', '--n', 10, '--runs-dir', tmp_path / 'runs',
+                        '--json')
+    assert judged.returncode == 0, judged.stderr
+    r = json.loads(judged.stdout)
+    assert sorted(r['judge_accuracy_per_digit']) == ['0', '1'] and sum(r['label_histogram']) == 10
+    everything = [ImageDataset('mnist', data_dir, train=t, img_size=8, download=False) for t in (True, False)]
+    judge, accuracy = plumbing.load_judge(*everything, str(tmp_path / 'runs' / 'judges'), torch.device('cpu'),
+                                          lambda line: None)
+    assert r['judge_test_accuracy'] == accuracy   # the cached judge of all ten digits, not of 0 and 1
+
+
+def test_a_damaged_judge_cache_is_set_aside_and_replaced_and_an_unwritable_one_is_said(data_dir, tmp_path):
+    sets = [ImageDataset('mnist', data_dir, train=t, img_size=8, download=False) for t in (True, False)]
+    cache = tmp_path / 'judges'
+    logs = []
+    plumbing.load_judge(*sets, str(cache), torch.device('cpu'), logs.append)
+    [name] = os.listdir(cache)
+    (cache / name).write_bytes(b'')   # empty: torch.load raises EOFError
+    logs.clear()
+    plumbing.load_judge(*sets, str(cache), torch.device('cpu'), logs.append)
+    assert any('cannot be used' in line and f'{name}.damaged' in line for line in logs), logs
+    assert sorted(os.listdir(cache)) == [name, f'{name}.damaged']
+    assert torch.load(cache / name, weights_only=True)['data'] == plumbing.data_fingerprint(sets[0].images,
+                                                                                          sets[1].images)
+    blocked = tmp_path / 'afile'
+    blocked.write_text('not a folder')
+    logs.clear()
+    judge, _ = plumbing.load_judge(*sets, str(blocked / 'judges'), torch.device('cpu'), logs.append)
+    assert judge is not None and any('not cached' in line for line in logs), logs
+
+
+def test_the_frechet_distance_of_too_few_or_non_finite_features_is_one_line(conditional_run, data_dir, in_process):
+    assert_one_line_error(in_process('evaluate.py', '--ckpt', os.path.join(conditional_run, 'best.pt'), '--judge',
+                                     '--n', 1), 2, '--n 1', 'at least 2')
+    with pytest.raises(ValueError, match='not finite'):
+        plumbing.frechet_distance(torch.full((5, 3), float('nan')), torch.zeros(5, 3))
+    with pytest.raises(ValueError, match='at least 2'):
+        plumbing.frechet_distance(torch.zeros(1, 3), torch.zeros(5, 3))
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_evaluate_is_one_line_and_exit_130(conditional_run, tmp_path):
+    """SIGINT while evaluate.py draws samples for --judge (after the judge is trained and said): exit 130, one line,
+    no traceback, and nothing written."""
+    import signal
+    import subprocess
+    import sys
+    from conftest import HERE, OFFLINE
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', **OFFLINE}
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, 'evaluate.py'), '--ckpt',
+                                os.path.join(conditional_run, 'best.pt'), '--judge', '--n', '1000000', '--runs-dir',
+                                str(tmp_path / 'runs')], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env, cwd=HERE)
+    for line in process.stdout:
+        if line.startswith('digit judge'):
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and 'Traceback' not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == 'evaluate.py: interrupted; nothing was written'

@@ -16,6 +16,60 @@ from realnvp import ImageDataset, RealNVPLoss, bits_per_dim, nll_per_image, to_u
 
 
 @pytest.mark.slow
+def test_every_output_writing_command_can_be_run_twice_and_replaces_its_output(full_run, data_dir, tmp_path,
+                                                                               in_process):
+    """An output is a result, not a run: the same command a second time replaces its file (a grid, a CSV, the worst
+    images and histogram), where it used to be refused as 'a file, not a folder'."""
+    run = str(tmp_path / 'run')
+    shutil.copytree(full_run, run)
+    best = os.path.join(run, 'best.pt')
+    commands = [('sample.py', '--ckpt', best, '--n', 4),
+                ('sample.py', '--ckpt', best, '--n', 4, '--out', str(tmp_path / 'grid.png')),
+                ('evaluate.py', '--ckpt', best, '--data-dir', data_dir, '--limit', 20, '--worst', 3,
+                 '--per-image', str(tmp_path / 'bpd.csv'))]
+    for command in commands:
+        first = in_process(*command)
+        assert first.returncode == 0, first.stderr
+        written = sorted(f for f in os.listdir(run) if f.endswith(('.png', '.csv'))) + sorted(os.listdir(tmp_path))
+        again = in_process(*command)
+        assert again.returncode == 0, again.stderr
+        assert sorted(f for f in os.listdir(run) if f.endswith(('.png', '.csv'))) + sorted(os.listdir(tmp_path)) \
+            == written   # the same files, replaced, and no temporary left beside them
+
+
+@pytest.mark.slow
+def test_json_is_json_with_null_where_a_value_is_undefined(full_run, data_dir, in_process):
+    result = in_process('evaluate.py', '--ckpt', os.path.join(full_run, 'best.pt'), '--data-dir', data_dir,
+                        '--limit', 1, '--json')
+    assert result.returncode == 0 and 'NaN' not in result.stdout, result.stdout
+    assert json.loads(result.stdout)['stderr'] is None   # the standard error of one image
+
+
+def test_labels_outside_0_to_9_are_one_line_naming_the_folder(tmp_path):
+    root = make_mnist(str(tmp_path), n=20)
+    write_idx(os.path.join(root, 'MNIST', 'raw', 'train-labels-idx1-ubyte'), np.arange(20) % 13)
+    with pytest.raises(ValueError, match=f'labels in {root} lie outside 0-9') as info:
+        ImageDataset('mnist', root, train=True, download=False)
+    assert '\n' not in str(info.value)
+
+
+@pytest.mark.slow
+def test_the_newest_run_is_the_one_that_saved_a_checkpoint_last(full_run, data_dir, tmp_path, in_process):
+    """After an evaluation writes its PNGs into an older run's folder, the newest run is still the one whose
+    checkpoint is newest."""
+    runs = tmp_path / 'runs'
+    shutil.copytree(full_run, runs / 'old')
+    shutil.copytree(full_run, runs / 'new')
+    for name in ('best.pt', 'last.pt'):   # the old run's checkpoints an hour older
+        path = runs / 'old' / name
+        os.utime(path, (os.path.getmtime(path) - 3600,) * 2)
+    assert in_process('evaluate.py', '--ckpt', runs / 'old' / 'best.pt', '--data-dir', data_dir, '--limit', 10,
+                      '--worst', 2).returncode == 0   # writes into runs/old, which is now the folder written last
+    result = in_process('sample.py', '--runs-dir', runs, '--n', 4)
+    assert result.returncode == 0 and str(runs / 'new' / 'best.pt') in result.stdout, result.stdout
+
+
+@pytest.mark.slow
 def test_sample_writes_a_grid_of_the_right_size(full_run, tmp_path, in_process):
     from PIL import Image
     out = str(tmp_path / 'grid.png')
@@ -120,6 +174,9 @@ def test_evaluate_breakdown_worst_and_per_image(full_run, data_dir, tmp_path):
 BAD_INPUT = [
     ('sample.py', ['--ckpt', '{best}', '--n', '0'], 2, ['--n', 'positive integer']),
     ('sample.py', ['--ckpt', '{best}', '--digit', '10'], 2, ['--digit', 'invalid choice']),
+    ('sample.py', ['--ckpt', '{best}', '--interpolate', '--digit', '3'], 2, ['--digit', '--interpolate']),
+    ('evaluate.py', ['--ckpt', '{best}', '--temperature', '0.5'], 2, ['--temperature', 'add --judge']),
+    ('evaluate.py', ['--ckpt', '{best}', '--judge', '--n', '1'], 2, ['--n 1', 'at least 2']),
     ('evaluate.py', ['--ckpt', '{best}', '--judge', '--temperature', '0'], 2, ['--temperature', 'positive']),
     ('evaluate.py', ['--ckpt', '{best}', '--breakdown', '--classify'], 2, ['--classify needs a class-conditional']),
     ('train.py', ['--epochs', '-1'], 2, ['--epochs']),

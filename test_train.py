@@ -266,37 +266,52 @@ def test_a_second_training_into_a_folder_in_use_is_refused_and_a_killed_ones_loc
         first.wait()
     open(os.path.join(out, 'last.pt.realnvp-tmp999999'), 'wb').close()   # as a process killed mid-write leaves
     open(os.path.join(out, 'thesis.tmp2024'), 'wb').close()   # a file of the user's, with a name like a temporary
+    live = f'samples_n4_t1_s0.png.realnvp-tmp{os.getppid()}'      # a write in progress of a process still alive
+    open(os.path.join(out, live), 'wb').close()
     step = load(os.path.join(out, 'last.pt'))['state']['step']
     third = in_process('train.py', '--resume', os.path.join(out, 'last.pt'), '--max-steps', step + 1,
                    '--data-dir', data_dir)
     assert third.returncode == 0, third.stderr
     assert load(os.path.join(out, 'last.pt'))['state']['step'] == step + 1
-    assert [n for n in os.listdir(out) if '.tmp' in n] == ['thesis.tmp2024']
+    assert sorted(n for n in os.listdir(out) if 'tmp' in n) == sorted(['thesis.tmp2024', live])   # not the dead one's
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('kill_after', [7, 8, 9, 10, 11])
+def test_a_kill_while_config_json_is_written_leaves_a_folder_the_same_command_starts_again(data_dir, tmp_path,
+                                                                                           in_process):
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'config.json.realnvp-tmp999999').write_bytes(b'{"run_id": ')   # the kill's leftover, its process gone
+    result = in_process('train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 1, *TINY_RUN)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == ['.lock', 'best.pt', 'config.json', 'curves.png', 'last.pt', 'metrics.csv',
+                                       'samples_epoch001.png', 'train.log']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kill_after', [2, 4, 5, 7, 9, 10, 11])
 def test_a_kill_at_each_write_of_an_epoch_end_loses_nothing(full_run, data_dir, tmp_path, kill_after, in_process):
-    """A run writes config.json, then 5 files an epoch (best.pt, metrics.csv, curves.png, the grid, last.pt: the
-    commit point); a SIGKILL right after each write of epoch 2's, then --resume, gives the uninterrupted run's
-    files."""
+    """A run writes config.json, then 5 files an epoch (metrics.csv, curves.png, the grid, best.pt, last.pt: the
+    commit point); a SIGKILL right after a write of epoch 1's or 2's, then the way forward the folder points to
+    (--resume from last.pt, or from best.pt, or the same command again), gives the uninterrupted run's files."""
     out = str(tmp_path / 'killed')
-    killed = script_killed_after_writes(kill_after, 'train.py', '--data-dir', data_dir, '--out-dir', out,
-                                        '--epochs', '2', *TINY_RUN)
+    command = ['--data-dir', data_dir, '--out-dir', out, '--epochs', '2', *TINY_RUN]
+    killed = script_killed_after_writes(kill_after, 'train.py', *command)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    committed = load(os.path.join(out, 'last.pt'))['state']['epoch']
-    assert committed == (2 if kill_after == 11 else 1)
-    if committed == 1:   # killed before epoch 2's commit point: the resume redoes what came after epoch 1's
-        resumed = in_process('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir,
-                         '--num-threads', 1)
+    last, best = os.path.join(out, 'last.pt'), os.path.join(out, 'best.pt')
+    if kill_after < 11:
+        start = ['--resume', last] if os.path.exists(last) else ['--resume', best] if os.path.exists(best) else command
+        assert start[1] == {2: data_dir, 4: data_dir, 5: best}.get(kill_after, last)
+        resumed = in_process('train.py', *start, *(['--data-dir', data_dir, '--num-threads', 1]
+                                                    if start[0] == '--resume' else []))
         assert resumed.returncode == 0, resumed.stderr
-    assert_same_weights(os.path.join(out, 'last.pt'), os.path.join(full_run, 'last.pt'))
-    assert_same_weights(os.path.join(out, 'best.pt'), os.path.join(full_run, 'best.pt'))
+    assert_same_weights(last, os.path.join(full_run, 'last.pt'))
+    assert_same_weights(best, os.path.join(full_run, 'best.pt'))
 
     def rows(run):
         return [r.split(',')[:4] for r in open(os.path.join(run, 'metrics.csv')).read().strip().splitlines()]
     assert rows(out) == rows(full_run) and len(rows(out)) == 3
-    assert os.path.isfile(os.path.join(out, 'samples_epoch002.png'))
+    assert all(os.path.isfile(os.path.join(out, f'samples_epoch00{e}.png')) for e in (1, 2))
 
 
 @pytest.mark.slow
@@ -496,7 +511,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_restarted_as_one_run(data_d
 def test_a_run_killed_between_best_and_last_resumes_from_best_and_a_new_run_is_pointed_there(data_dir, tmp_path,
                                                                                             in_process):
     out = str(tmp_path / 'run')
-    killed = script_killed_after_writes(2, 'train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 2,
+    killed = script_killed_after_writes(5, 'train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 2,
                                         *TINY_RUN)
     assert killed.returncode == -signal.SIGKILL
     assert os.path.isfile(os.path.join(out, 'best.pt')) and not os.path.exists(os.path.join(out, 'last.pt'))

@@ -423,8 +423,9 @@ class Trainer:
         return bits_per_dim(self.data.train[:1], nats_per_image)   # D from one image
 
     def end_epoch(self, seconds, images):
-        """Evaluate, checkpoint, log, plot and sample at the end of an epoch, with last.pt written last: it is
-        the commit point, so a crash before it is redone by --resume and a crash after it has lost nothing."""
+        """Evaluate, log, plot, sample and checkpoint at the end of an epoch: metrics.csv and the grid first, then
+        best.pt, then last.pt, the commit point. A crash before last.pt is redone by --resume from last.pt (or from
+        best.pt, which comes after this epoch's other files), and a crash after it has lost nothing."""
         s = self.state
         loss, count = self.dist.all_reduce(torch.tensor([s.epoch_loss, s.epoch_count], device=self.dist.device,
                                                         dtype=torch.float64)).tolist()
@@ -435,18 +436,18 @@ class Trainer:
         s.epoch, s.epoch_loss, s.epoch_count = s.epoch + 1, 0.0, 0.0
         is_best, s.best_bpd = bpd < s.best_bpd, min(bpd, s.best_bpd)
         blob = self.checkpoint(averaged)
-        if is_best:
-            self.run.write('best.pt', blob)
         self.rows.append(dict(epoch=s.epoch, step=s.step, train_bpd=f'{train_bpd:.5f}', test_bpd=f'{bpd:.5f}',
                               skipped_steps=s.skipped, seconds=f'{seconds:.1f}',
                               images_per_s=f'{images / seconds:.1f}'))
         self.run.write_metrics(self.rows)
         if self.run.active and (s.epoch == 1 or s.epoch % self.args.sample_every == 0):
             classes = self.model.config.num_classes
-            labels = P.class_labels(range(classes), 8, self.dist.device) if classes else None
+            labels = P.class_labels(self.args.digits or range(classes), 8, self.dist.device) if classes else None
             z = torch.randn((64 if labels is None else len(labels), *self.model.shape),
                             generator=torch.Generator().manual_seed(self.args.seed)).to(self.dist.device)
             self.run.write_grid(averaged.decode(z, labels=labels).cpu(), f'samples_epoch{s.epoch:03d}.png')
+        if is_best:
+            self.run.write('best.pt', blob)
         self.run.write('last.pt', blob)
         self.run.log(f'epoch {s.epoch}: train bpd {train_bpd:.4f}, test bpd {bpd:.4f}{" (best)" if is_best else ""}, '
                      f'{seconds:.0f}s, {images / seconds:.1f} images/s, {s.skipped} skipped steps')
