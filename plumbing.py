@@ -788,10 +788,10 @@ def check_run_folder(out_dir, ckpt, resume):
     an empty or new folder branches. Raises a one-line ValueError with a way forward that works."""
     owner = folder_owner(out_dir)
     held = [n for n in ('last.pt', 'best.pt') if os.path.isfile(os.path.join(out_dir, n))]
-    for name in ('last.pt', 'best.pt'):
-        if os.path.exists(os.path.join(out_dir, name)) and name not in held:
-            raise ValueError(f'{os.path.join(out_dir, name)} is not a file, so no checkpoint can be written there; '
-                             f'move it away')
+    for name in ('last.pt', 'best.pt', 'config.json', 'metrics.csv', 'curves.png', 'train.log'):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise ValueError(f'{path} is not a file, so the run cannot write its {name} there; move it away')
     if ckpt is None:
         if owner is not None and held:
             raise ValueError(f'{out_dir} holds run {owner}; continue it with --resume '

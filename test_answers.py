@@ -161,12 +161,12 @@ def test_answers_memory_and_speed_are_those_of_their_one_source():
     per_image, fixed = bench.saved_for_backward(RealNVPConfig())
     assert f'{per_image:.1f} MiB an image, about {per_image * 128 / 1024:.1f} GiB at batch 128, plus {fixed:.0f} MiB' \
         in text
-    # the peak's parts: the process before the model (measured), five copies of the weights (weights, gradients,
-    # Adam's two moments, the weight average), what the step keeps for its backward pass, and what is left
+    # the peak's parts: the process before the model (measured), four copies of the weights (weights, gradients,
+    # Adam's two moments), what the step keeps for its backward pass, and what is left
     mib = lambda pattern: int(re.search(pattern, text).group(1).replace(',', ''))
     base = mib(r'Of that, ([\d,]+) MiB is the process')
     assert f'{base:,}' == performance_table_fp32('process memory before the model')
-    state = 5 * 4 * bench.count_flops(RealNVPConfig())[0] / 2 ** 20
+    state = 4 * 4 * bench.count_flops(RealNVPConfig())[0] / 2 ** 20
     assert mib(r'([\d,]+) MiB are the weights, their gradients') == round(state)
     rest = int(peak.replace(',', '')) - base - state - 128 * per_image - fixed
     assert mib(r'the remaining ([\d,]+) MiB') == round(rest) > 0
@@ -192,6 +192,6 @@ def test_answers_jacobian_cost_and_channel_parameters():
         return counts
     one, three = by_kind(RealNVP()), by_kind(RealNVP(in_channels=3, img_size=32))
     added = {kind: three[kind] - one[kind] for kind in one}
-    assert (f'3×32×32 has {sum(added.values()):,} more than 1×14×14, {added["first"]:,} in the s/t networks\' first '
-            f'convolutions, {added["last"]:,} in their last 1×1 convolutions and {added["other"]:,} in the '
-            f'per-channel layers') in text
+    assert (f'3×32×32 has {sum(added.values()):,} more than 1×14×14, {added["first"]:,} in the s/t '
+            f'networks\' first convolutions, {added["last"]:,} in their last 1×1 convolutions and '
+            f'{added["other"]:,} in the per-channel layers') in text

@@ -223,6 +223,8 @@ BAD_INPUT = [
     ('train.py', ['--data-dir', '{notest}', '--out-dir', '{tmp}/new', *TINY_RUN], 1, ['MNIST files', 'cannot be read']),
     ('train.py', ['--resume', '{garbage}/last.pt', '--data-dir', '{data}', '--epochs', '3'], 1,
      ['metrics.csv', 'move it away']),
+    ('train.py', ['--resume', '{metricsdir}/last.pt', '--data-dir', '{data}', '--epochs', '3'], 2,
+     ['metrics.csv is not a file', 'move it away']),
     ('train.py', ['--resume', '{badmetrics}/last.pt', '--data-dir', '{data}', '--epochs', '3'], 1,
      ['metrics.csv', 'move it away']),   # a column removed: refused before anything is trained
     # abbreviations are not flags: argparse would take them, or --resume would ignore them
@@ -279,11 +281,16 @@ def bad_files(full_run, data_dir, tmp_path_factory):
     shutil.copytree(full_run, badmetrics)
     rows = [line.split(',') for line in (badmetrics / 'metrics.csv').read_text().splitlines()]
     (badmetrics / 'metrics.csv').write_text('\n'.join(','.join(row[:-1]) for row in rows) + '\n')
+    metricsdir = tmp / 'metricsdir'   # metrics.csv a folder: refused before any work, not after an epoch
+    shutil.copytree(full_run, metricsdir)
+    (metricsdir / 'metrics.csv').unlink()
+    (metricsdir / 'metrics.csv').mkdir()
     (tmp / 'lockdir' / '.lock').mkdir(parents=True)
     huge = load(best)
     huge['config']['mid_channels'] = 100000
     torch.save(huge, tmp / 'huge.pt')
-    return dict(badmetrics=str(badmetrics), lockdir=str(tmp / 'lockdir'), huge=str(tmp / 'huge.pt'),
+    return dict(badmetrics=str(badmetrics), metricsdir=str(metricsdir), lockdir=str(tmp / 'lockdir'),
+                huge=str(tmp / 'huge.pt'),
                 best=best, run=full_run, data=data_dir, tmp=str(tmp),
                 corrupt=str(tmp / 'corrupt.pt'),
                 misfit=str(tmp / 'misfit.pt'), empty=str(tmp / 'empty'), nonfinite=str(tmp / 'nonfinite.pt'),
