@@ -593,7 +593,8 @@ def test_a_full_disk_or_an_unwritable_log_is_one_line_and_keeps_the_checkpoint(d
     os.mkdir(os.path.join(out, 'train.log'))   # a log that cannot be appended to
     with pytest.raises(SystemExit) as exit_info:
         train.main(['--resume', os.path.join(out, 'last.pt'), '--epochs', '2'])
-    assert exit_info.value.code == 1 and 'train.log' in capsys.readouterr().err.strip().splitlines()[-1]
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]   # refused before any work, as bad input
+    assert exit_info.value.code == 2 and 'train.log is not a file' in last_line, last_line
     assert load(os.path.join(out, 'last.pt'))['state']['epoch'] == 1
 
 
