@@ -289,7 +289,7 @@ def test_a_kill_while_config_json_is_written_leaves_a_folder_the_same_command_st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('kill_after', [2, 4, 5, 7, 9, 10, 11])
+@pytest.mark.parametrize('kill_after', [2, 5, 10, 11])
 def test_a_kill_at_each_write_of_an_epoch_end_loses_nothing(full_run, data_dir, tmp_path, kill_after, in_process):
     """A run writes config.json, then 5 files an epoch (metrics.csv, curves.png, the grid, best.pt, last.pt: the
     commit point); a SIGKILL right after a write of epoch 1's or 2's, then the way forward the folder points to
