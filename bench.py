@@ -20,7 +20,6 @@ import statistics
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -56,9 +55,8 @@ def build_parser():
 
 
 def example_labels(config, n, device=None):
-    """Labels for n images of a class-conditional model; None for an unconditional one."""
-    classes = config.num_classes
-    return P.class_labels(range(classes), 1, device).repeat(-(-n // classes))[:n] if classes else None
+    """Labels for n images of a class-conditional model, the classes in turn; None for an unconditional one."""
+    return P.labels_in_turn(range(config.num_classes), n, device) if config.num_classes else None
 
 
 def count_flops(config, batch_size=1):
@@ -117,13 +115,6 @@ def lecture_training(notebook, config, device):
         clip(optimizer, 100.0)
         optimizer.step()
     return model, loss_fn, step
-
-
-def lecture_train_step(notebook, config, batch_size, device):
-    """A training step of the lecture's own code on one fixed batch, as a function of nothing."""
-    step = lecture_training(notebook, config, device)[2]
-    x = torch.randint(0, 256, (batch_size, config.in_channels, config.img_size, config.img_size), device=device) / 255.0
-    return lambda: step(x)
 
 
 def synchronize(device):
@@ -282,10 +273,6 @@ def measure_ceiling(args, config, device, train):
     it runs alone (`train` holds the step's own figures)."""
     result = {}
     dtypes = [('fp32', torch.float32)] + ([('bf16', torch.bfloat16)] if args.amp else [])
-    if device.type == 'cuda':   # fp32 matmuls may run on TF32 tensor cores: their peak, for the record
-        torch.backends.cuda.matmul.allow_tf32 = True
-        result['matmul_tf32_gflop_per_s'] = matmul_flops_per_s(device, torch.float32) / 1e9
-        torch.backends.cuda.matmul.allow_tf32 = False
     shapes = conv_shapes(config, args.batch_size)
     rates = {}
     for name, dtype in dtypes:
@@ -390,48 +377,13 @@ def measure_profile(step, device, steps=2):
             ops.table(sort_by=key, row_limit=15))
 
 
-def measure_overhead(args, config, device):
-    """What a training step costs apart from its arithmetic: the step (with the weight average's update, as
-    train.py takes it) at the model's depth but a width where the arithmetic is negligible (4 mid channels,
-    batch 8): Python, the dispatcher and the launches, most of a step on a GPU. With --lecture, the lecture code's
-    at the same width, in the same run, taking turns so that both see the same machine."""
-    narrow = replace(config, mid_channels=4)
-    model, _, _, train = training_step(argparse.Namespace(**{**vars(args), 'batch_size': 8}), narrow, device)
-    average = WeightAverage(model, 0.999)
-    steps = {'overhead_step_ms': lambda: (train(), average.update(model, 1000))}
-    if args.lecture:
-        steps['lecture_overhead_step_ms'] = lecture_train_step(args.lecture, narrow, 8, device)
-    result = {key: 1e3 * seconds for key, seconds in in_turns(steps, device, args.warmup, max(args.steps, 10)).items()}
-    if args.lecture:
-        result['overhead_over_lecture'] = result['overhead_step_ms'] / result['lecture_overhead_step_ms']
-    return result
-
-
-def in_turns(steps, device, warmup, turns):
-    """{name: median seconds} of the step functions `steps` ({name: step}), timed one step each in turn, so
-    that all see the same machine (its clock, its other load)."""
-    times = {key: [] for key in steps}
-    for turn in range(warmup + turns):
-        for key, step in steps.items():
-            seconds = timed(step, device, 1)
-            if turn >= warmup:
-                times[key].append(seconds)
-    return {key: statistics.median(t) for key, t in times.items()}
-
-
-def measure_conditioning(args, config, device):
-    """What the class conditioning costs (--conditional): the conditional training step against the same model
-    without labels, in turns."""
-    steps = {'conditional': training_step(args, config, device)[3],
-             'unconditional': training_step(args, replace(config, num_classes=0), device)[3]}
-    seconds = in_turns(steps, device, args.warmup, args.steps)
-    return dict(conditional_step_over_unconditional=seconds['conditional'] / seconds['unconditional'])
-
-
 def measure_lecture(args, config, device, train):
     """The lecture code's training step on the same config, device and batch size, against this project's step
     (`train`) and against the bound its convolutions set."""
-    lecture_step = lecture_train_step(args.lecture, config, args.batch_size, device)
+    step = lecture_training(args.lecture, config, device)[2]
+    shape = (args.batch_size, config.in_channels, config.img_size, config.img_size)
+    x = torch.randint(0, 256, shape, device=device) / 255.0
+    lecture_step = lambda: step(x)
     for _ in range(args.warmup):
         lecture_step()
     lecture = args.batch_size / timed(lecture_step, device, args.steps)
@@ -450,10 +402,6 @@ def benchmark(args):
     if args.flops_only:
         return result
     result.update(measure_training(args, config, device))
-    if not args.compile:   # it would compile another model: a compiled run compiles one
-        result.update(measure_overhead(args, config, device))
-    if config.num_classes:
-        result.update(measure_conditioning(args, config, device))
     result['achieved_gflop_per_s'] = result['gflop_train_step_per_image'] * result['train_images_per_s']
     result.update(measure_ceiling(args, config, device, result))
     if args.lecture:
@@ -484,17 +432,12 @@ TABLE = [
     ('achieved_gflop_per_s', 'achieved GFLOP/s in training', '{:.1f}'),
     ('matmul_fp32_gflop_per_s', 'fp32 matmul GFLOP/s (2048^2, same run)', '{:.1f}'),
     ('conv_fp32_gflop_per_s', 'fp32 best model convolution GFLOP/s (fwd+bwd)', '{:.1f}'),
-    ('matmul_tf32_gflop_per_s', 'TF32 matmul GFLOP/s (CUDA, same run)', '{:.1f}'),
     ('matmul_bf16_gflop_per_s', 'bf16 matmul GFLOP/s (same run)', '{:.1f}'),
     ('conv_bf16_gflop_per_s', 'bf16 best model convolution GFLOP/s (fwd+bwd)', '{:.1f}'),
     ('ratio_to_ceiling', 'achieved / ceiling (the best of those, step dtype)', '{:.2f}'),
     ('share_outside_convolutions', 'share of step time outside convolutions', '{:.2f}'),
     ('conv_bound_images_per_s', 'images/s of the convolutions alone (the bound)', '{:.1f}'),
     ('conv_bound_share_of_step', 'the convolutions alone / training step', '{:.2f}'),
-    ('overhead_step_ms', 'step at 4 mid channels, batch 8 (the overhead), ms', '{:.1f}'),
-    ('lecture_overhead_step_ms', 'lecture code: the same, ms', '{:.1f}'),
-    ('overhead_over_lecture', 'overhead / the lecture code\'s', '{:.2f}x'),
-    ('conditional_step_over_unconditional', 'conditional step / the same without labels', '{:.3f}x'),
     ('lecture_train_images_per_s', 'lecture code: training images/s', '{:.1f}'),
     ('speedup_over_lecture', 'speed-up over the lecture code', '{:.2f}x'),
     ('conv_bound_over_lecture', 'the bound / the lecture code', '{:.2f}x'),

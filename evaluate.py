@@ -132,7 +132,7 @@ def judge_samples(args, model, ckpt, device):
     log = (lambda line: None) if args.json else print
     judge, accuracy = P.load_judge(train, test, os.path.join(args.runs_dir, 'judges'), device, log)
     digits = P.trained_labels(ckpt) if model.config.num_classes else None
-    asked = torch.tensor(digits, device=device).repeat(-(-args.n // len(digits)))[:args.n] if digits else None
+    asked = P.labels_in_turn(digits, args.n, device) if digits else None
     generator = torch.Generator(device=device).manual_seed(args.seed)
     samples = torch.cat([model.sample(len(part), args.temperature, generator, None if digits is None else asked[part])
                          for part in torch.arange(args.n, device=device).split(1024)])

@@ -15,8 +15,8 @@
 # stages compiling nothing and bench_compiled and train compiling the model once:
 #   copy            the data to the scratch folder                                         20 s
 #   versions        torch, CUDA, cuDNN, the GPU                                            20 s
-#   bench_fp32      bench.py: FLOPs, the fp32 / TF32 peaks, images/s, launches a step,     90 s
-#                   the overhead at a narrow width; with the notebook, the lecture's code
+#   bench_fp32      bench.py: FLOPs, the fp32 peaks, images/s, launches a step;            90 s
+#                   with the notebook, the lecture's code
 #   bench_amp       the same with bf16 autocast (and the bf16 peaks)                       60 s
 #   bench_compiled  --amp --compile: CUDA graphs; its first step is the compilation       120 s
 #   train           train.py, --epochs (10) of the default model, --amp --compile         120 s
@@ -113,7 +113,7 @@ for name, run in runs.items():
     speed = run.get('train_images_per_s')
     summary[name] = dict(images_per_s=speed, times_lecture=speed / lecture if speed and lecture else None,
                          **{key: run.get(key) for key in ('first_step_s', 'launches_per_step', 'launches_outside_graphs',
-                                                          'overhead_over_lecture', 'ratio_to_ceiling')})
+                                                          'ratio_to_ceiling')})
 summary.update(train_wall_s=stages.get('train', {}).get('seconds'), train_finished=stages.get('train', {}).get('exit') == 0,
                test_bpd=evaluation.get('bpd'), test_bpd_stderr=evaluation.get('stderr'), evaluated_step=evaluation.get('step'),
                lecture_notebook=text('notebook.txt').strip() or 'none given (gpu_check.sh --notebook PATH): '

@@ -65,7 +65,7 @@ def model_flags(config):
     """The flags (by dest) that give `config`'s architecture: what a preset sets as the parser's defaults."""
     return dict(image_size=config.img_size, num_scales=config.num_scales, mid_channels=config.mid_channels,
                 num_blocks=config.num_blocks, flow_norm=config.flow_norm, t_bound=config.t_bound,
-                conditional=config.num_classes > 0)
+                conditional=config.num_classes > 0, learned_prior=config.learned_prior)
 
 
 def add_model_args(parser):
@@ -90,6 +90,10 @@ def add_model_args(parser):
       help='a class-conditional model (10 classes): a learned bias per label in every s/t network and a learned '
            'Gaussian prior per label, so that log p(x | y) is exact and sample.py can draw a given digit '
            '(default: off)')
+    a('--learned-prior', action=argparse.BooleanOptionalAction,
+      help='an unconditional model\'s prior N(mean, diag(scale)^2) with a mean and a scale per latent dimension, '
+           'learned (one more exact invertible layer, as the class prior is); the lecture\'s is N(0, I) '
+           f'(default: {"on" if default.learned_prior else "off"})')
     parser.set_defaults(**model_flags(default))
 
 
@@ -101,12 +105,19 @@ def class_labels(classes, per_class, device=None):
     return torch.tensor(list(classes), device=device).repeat_interleave(per_class)
 
 
+def labels_in_turn(classes, n, device=None):
+    """n labels taking `classes` in turn (0, 1, ..., 9, 0, 1, ...): each as often as n allows, (n,)."""
+    classes = torch.tensor(list(classes), device=device)
+    return classes[torch.arange(n, device=device) % len(classes)]
+
+
 def config_from_args(args):
     """The RealNVPConfig of parsed flags: `add_model_args`'s, and the channels of --dataset (or --in-channels)."""
     in_channels = getattr(args, 'in_channels', None) or DATASET_CHANNELS[getattr(args, 'dataset', 'mnist')]
     return RealNVPConfig(in_channels=in_channels, img_size=args.image_size, num_scales=args.num_scales,
                          mid_channels=args.mid_channels, num_blocks=args.num_blocks, flow_norm=args.flow_norm,
-                         t_bound=args.t_bound, num_classes=NUM_CLASSES if args.conditional else 0)
+                         t_bound=args.t_bound, num_classes=NUM_CLASSES if args.conditional else 0,
+                         learned_prior=args.learned_prior and not args.conditional)
 
 
 # -----------------------------------------------------------------------------
@@ -241,10 +252,11 @@ class CheckpointError(ValueError):
 def write_atomically(data, path):
     """Write bytes through a temporary file beside `path` (its folder made if need be), flushed to disk (file and
     folder) before the rename: a crash or a power cut never leaves half a file, and a failed write (a full disk)
-    leaves the old file as it was and no temporary behind."""
+    leaves the old file as it was and no temporary behind. The temporaries that killed writers left beside it go."""
     tmp = f'{path}{TMP_MARK}{os.getpid()}'
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        remove_dead_temporaries(os.path.dirname(os.path.abspath(path)))   # what an earlier kill left there
         with open(tmp, 'wb') as f:
             f.write(data)
             f.flush()
@@ -371,6 +383,9 @@ def load_checkpoint(path, device='cpu'):
     if DATASET_CHANNELS.get(dataset) != config.in_channels:
         raise CheckpointError(f'{path} is not a train.py checkpoint: its flags (data set {dataset!r}) do not go with '
                               f'its model of {config.in_channels} channels')
+    if config.num_classes not in (0, NUM_CLASSES):
+        raise CheckpointError(f'{path} is not a train.py checkpoint: its model has {config.num_classes} classes, and '
+                              f'a class-conditional model of train.py has {NUM_CLASSES}, the data set\'s labels')
     bad = non_finite_tensor(ckpt['model']) if isinstance(ckpt['model'], dict) else None
     if bad is not None:
         raise CheckpointError(f'checkpoint {path} is not finite: its weight {bad} holds NaN or infinite values, '
@@ -634,6 +649,7 @@ class Dist:
         self.device = device
         self.sync_every = 1   # steps between stop checks: one process checks its own flag every step
         if self.world > 1:
+            die_with_parent()
             if device.type == 'cuda':
                 self.device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
                 torch.cuda.set_device(self.device)
@@ -707,6 +723,19 @@ class Dist:
     def close(self):
         if self.world > 1:
             dist.destroy_process_group()
+
+
+def die_with_parent():
+    """Have Linux kill this process when its parent, torchrun's agent, dies (prctl PR_SET_PDEATHSIG): torchrun starts
+    each worker in a session of its own, so a SIGKILL to torchrun's process group would leave the workers training,
+    and rank 0 holding the run folder's lock. Elsewhere, nothing."""
+    if not sys.platform.startswith('linux'):
+        return
+    import ctypes
+    parent = os.getppid()
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)   # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:   # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass

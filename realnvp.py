@@ -6,16 +6,15 @@ notebook (Lecture 8: Normalizing Flows):
     1. squeeze and masks         squeeze_2x2, MaskType, checkerboard_mask
     2. s/t networks              Rescale, WNConv2d, ResidualBlock, ResNet
     3. coupling                  CouplingLayer, BatchNormFlow
-    4. multi-scale model         RealNVPConfig, Scale, ClassPrior (a class-conditional prior), RealNVP
-    5. loss and optimisation     RealNVPLoss, nll_terms, bits_per_dim, nll_per_image, class_nll,
-                                 get_param_groups
+    4. multi-scale model         RealNVPConfig, Scale, ClassPrior (a class's, or a learned, prior), RealNVP
+    5. loss and optimisation     RealNVPLoss, nll_terms, bits_per_dim, nll_per_image, class_nll, get_param_groups
     6. data                      ImageDataset (MNIST, CIFAR-10), DataNotFoundError
 
 How a run trains it (the step, the weight average, the batch-norm refresh) is in train.py; what the scripts
 share (checkpoints, run folders, devices, command lines, the digit judge of samples) is in plumbing.py.
 
-Direction convention, everywhere: `reverse=False` maps data -> latent and adds
-log|det J| to `sldj`; `reverse=True` maps latent -> data and leaves `sldj` alone.
+Direction convention, everywhere: `reverse=False` maps data -> latent and adds log|det J| to `sldj`;
+`reverse=True` maps latent -> data and leaves `sldj` alone.
 """
 import gzip
 import math
@@ -306,6 +305,7 @@ class RealNVPConfig:
     flow_norm: bool = True    # batch normalisation after each coupling (paper Section 3.7); the lecture has none
     t_bound: float = 10.0     # couplings' translations bounded to (-t_bound, t_bound) by a tanh; 0: unbounded
     num_classes: int = 0      # > 0: class-conditional, a ClassPrior and the label in every s/t net; 0: N(0, I)
+    learned_prior: bool = False   # an unconditional model's prior N(mean, diag(scale)^2), learned: a ClassPrior of one
 
     @classmethod
     def lecture(cls, **settings):
@@ -318,8 +318,9 @@ class RealNVPConfig:
             if type(value) is not int or value < (name != 'num_classes'):   # num_classes 0: unconditional
                 what = 'an integer >= 0' if name == 'num_classes' else 'a positive integer'
                 raise ValueError(f'{name} must be {what}, got {value!r}')
-        if type(self.flow_norm) is not bool:
-            raise ValueError(f'flow_norm must be True or False, got {self.flow_norm!r}')
+        for name in ('flow_norm', 'learned_prior'):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f'{name} must be True or False, got {getattr(self, name)!r}')
         if type(self.t_bound) not in (int, float) or not 0.0 <= self.t_bound < math.inf:
             raise ValueError(f't_bound must be a finite number >= 0 (0: unbounded), got {self.t_bound!r}')
         if type(self.data_constraint) is not float or not 0.0 < self.data_constraint < 1.0:
@@ -387,21 +388,22 @@ class ClassPrior(nn.Module):
     """A class-conditional prior, z | y ~ N(mean_y, diag(exp(log_scale_y))^2), for every latent dimension (the
     factored-out ones and the last), written as one more invertible layer: eps = (z - mean_y) exp(-log_scale_y),
     with log-det -sum(log_scale_y), and eps ~ N(0, I) as before. So log p(x | y) = log N(eps) + sldj exactly,
-    and the loss is RealNVPLoss as it is. (Glow's `--ycond` prior is of this kind.) Its parameters depend on the
-    label alone, never on x: each class's density stays normalised. Both start at zero, so that with the
-    couplings' class biases, also zero, the first step is the unconditional model's; both are used times
-    LABEL_GAIN."""
+    and the loss is RealNVPLoss as it is. (Glow's `--ycond` prior is of this kind; with one class and no labels it
+    is an unconditional model's learned prior.) Its parameters depend on the label alone, never on x: each class's
+    density stays normalised. Both start at zero, so that with the couplings' class biases, also zero, the first
+    step is the unconditional model's; both are used times LABEL_GAIN."""
 
     def __init__(self, num_classes, shape):
         super().__init__()
         self.mean = nn.Parameter(torch.zeros(num_classes, *shape))        # (K, C, H, W)
         self.log_scale = nn.Parameter(torch.zeros(num_classes, *shape))   # (K, C, H, W)
 
-    def forward(self, z, sldj, labels, reverse=False):
-        mean, log_scale = LABEL_GAIN * self.mean[labels], LABEL_GAIN * self.log_scale[labels]   # (B, C, H, W) each
+    def forward(self, z, sldj, labels=None, reverse=False):
+        k = 0 if labels is None else labels   # an unconditional model's learned prior is a class prior of one
+        mean, log_scale = LABEL_GAIN * self.mean[k], LABEL_GAIN * self.log_scale[k]   # (B, C, H, W) or (C, H, W)
         if reverse:
             return z * log_scale.exp() + mean, sldj
-        return (z - mean) * torch.exp(-log_scale), sldj - log_scale.flatten(1).sum(-1)
+        return (z - mean) * torch.exp(-log_scale), sldj - log_scale.expand_as(z).flatten(1).sum(-1)
 
 
 class RealNVP(nn.Module):
@@ -421,7 +423,7 @@ class RealNVP(nn.Module):
         c = self.config
         self.flows = Scale(0, c.num_scales, c.in_channels, c.mid_channels, c.num_blocks,
                            flow_norm=c.flow_norm, t_bound=c.t_bound, num_classes=c.num_classes)
-        self.prior = ClassPrior(c.num_classes, self.shape) if c.num_classes else None
+        self.prior = ClassPrior(max(c.num_classes, 1), self.shape) if c.num_classes or c.learned_prior else None
 
     @property
     def shape(self):
@@ -442,7 +444,7 @@ class RealNVP(nn.Module):
         (num_classes > 0) takes each image's label as `labels` (B,), and its z is the prior's eps."""
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f'expected input of shape (B, {", ".join(map(str, self.shape))}), got {tuple(x.shape)}')
-        if (labels is None) != (self.prior is None):
+        if (labels is None) != (self.config.num_classes == 0):
             raise ValueError('a class-conditional model needs labels, and an unconditional one takes none')
         if reverse:
             if self.prior is not None:
@@ -524,7 +526,7 @@ class RealNVPLoss(nn.Module):
 def nll_terms(model, x, noise=None):
     """Each image's NLL in nats, split into the terms that add up to it (one dequantisation draw u):
 
-        prior           -log N(z; 0, I)                 the latent's Gaussian density
+        prior           -log N(z; 0, I)                 the latent's Gaussian density (a learned prior's N(mean, scale))
         flow            -log|det dz/dy|                 the couplings (and squeezes: they add nothing)
         logit           -log|det dy/dv|                 the logit pre-processing, v = (255x + u)/256
         dequantisation  D log 256                       v's bins are 1/256 wide: 8 bits a dimension
@@ -532,7 +534,8 @@ def nll_terms(model, x, noise=None):
     Their sum is RealNVPLoss(reduction='none') of model(x, noise=noise)."""
     y, ldj_logit = model.preprocess(x, noise)
     z, ldj_flow = model.flows(y, torch.zeros_like(ldj_logit))
-    prior = gaussian_nll(z)
+    eps, ldj_prior = (z, 0.0) if model.prior is None else model.prior(z, torch.zeros_like(ldj_flow))
+    prior = gaussian_nll(eps) - ldj_prior
     return dict(prior=prior, flow=-ldj_flow, logit=-ldj_logit,
                 dequantisation=torch.full_like(prior, x[0].numel() * math.log(256)))
 

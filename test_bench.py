@@ -72,10 +72,10 @@ def test_gpu_check_runs_every_stage_and_packs_what_it_reports_in_a_few_small_fil
     assert summary['evaluated_step'] == 7 and summary['train_finished']   # 100 images / 16: 7 steps
     fp32 = summary['outputs']['bench_fp32']
     assert summary['fp32']['images_per_s'] == fp32['train_images_per_s'] > 0 and summary['amp']['images_per_s'] > 0
-    assert fp32['launches_per_step'] > 100 and fp32['overhead_step_ms'] > 0
+    assert fp32['launches_per_step'] > 100
     if notebook:
         assert summary['fp32']['times_lecture'] == fp32['train_images_per_s'] / fp32['lecture_train_images_per_s']
-        assert summary['lecture_notebook'] == NOTEBOOK and fp32['overhead_over_lecture'] > 0
+        assert summary['lecture_notebook'] == NOTEBOOK
     assert any('test bpd' in line for line in summary['outputs']['train'])
     assert 'test bpd' in (out / 'train.log').read_text()
     assert os.path.isfile(work / 'data' / 'MNIST' / 'raw' / 'train-images-idx3-ubyte')
@@ -167,11 +167,10 @@ def test_the_launches_around_compiled_graphs_are_what_runs_outside_them(fresh_dy
     assert bench.count_launches_around_graphs(step) == dict(launches_outside_graphs=3, graphs_per_step=1)
 
 
-def test_bench_times_a_conditional_model_against_the_same_without_labels():
+def test_a_conditional_model_adds_its_label_parameters_and_no_convolution_flops():
     """--conditional: the parameters are the unconditional model's plus the prior (a mean and a log-scale per
     class and dimension) and a bias per class for each s/t net's first convolution; the convolutions' FLOPs are
-    the same; and the step is timed against the same model without labels."""
-    import argparse
+    the same."""
     import bench
     unconditional = RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1)
     conditional = RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1, num_classes=10)
@@ -180,9 +179,6 @@ def test_bench_times_a_conditional_model_against_the_same_without_labels():
     first_convs = [m.in_conv.conv.weight.shape[0] for m in model.modules() if hasattr(m, 'class_bias')]
     assert len(first_convs) == 10   # 3 + 3 couplings at the first scale, 4 at the second
     assert p1 - p0 == 2 * 10 * 64 + 10 * sum(first_convs) and (f1, s1) == (f0, s0)
-    args = argparse.Namespace(batch_size=8, amp=False, compile=False, warmup=1, steps=2)
-    r = bench.measure_conditioning(args, conditional, torch.device('cpu'))
-    assert 0 < r['conditional_step_over_unconditional'] < 10
 
 
 def test_time_to_reach_interpolates_between_points_and_says_when_a_curve_never_gets_there():

@@ -56,6 +56,22 @@ def test_an_unconditional_checkpoint_asked_for_a_digit_or_to_classify_is_one_lin
     assert not os.path.exists(tmp_path / 'x.png')
 
 
+def test_a_hand_made_checkpoint_of_five_classes_is_refused_in_one_line(conditional_run, data_dir, tmp_path,
+                                                                         in_process):
+    """A checkpoint whose weights fit a model of 5 classes: train.py makes none, and its labels would not be the
+    data's; sample.py and evaluate.py refuse it with one line (exit 1) rather than fail on a digit past 4."""
+    ckpt = load(os.path.join(conditional_run, 'best.pt'))
+    ckpt['config']['num_classes'] = 5
+    ckpt['model'] = RealNVP(**ckpt['config']).state_dict()
+    path = str(tmp_path / 'five.pt')
+    torch.save(ckpt, path)
+    for command in (['sample.py', '--digit', 7, '--out', str(tmp_path / 'x.png')],
+                    ['evaluate.py', '--classify', '--data-dir', data_dir]):
+        result = in_process(command[0], '--ckpt', path, *command[1:])
+        assert_one_line_error(result, 1, 'has 5 classes')
+    assert not os.path.exists(tmp_path / 'x.png')
+
+
 def test_classify_reports_accuracy_and_a_marginal_within_log2_10_bits_an_image(conditional_run, data_dir, tmp_path,
                                                                                in_process):
     """-log p(x) = -log sum_y p(x | y) / 10 <= -log p(x | y_true) + log 10: the marginal bpd is at most the

@@ -494,6 +494,29 @@ def conditional_tiny(seed=0):
     return model.eval()
 
 
+def test_a_learned_prior_gives_log_p_x_as_a_gaussian_of_the_flow_latent_would():
+    """The unconditional model's learned prior (a class prior of one class, used without labels): log p(x) against
+    the flow's z under torch.distributions.Normal(mean, exp(log_scale)), in float64; eps decodes back."""
+    torch.manual_seed(0)
+    model = tiny_model(1, 4, 2, learned_prior=True)
+    with torch.no_grad():
+        model.prior.mean.normal_(0.0, 1.0 / LABEL_GAIN)
+        model.prior.log_scale.normal_(0.0, 0.5 / LABEL_GAIN)
+    model.eval()
+    x, u = torch.rand(6, 1, 4, 4, dtype=torch.float64), torch.rand(6, 1, 4, 4, dtype=torch.float64)
+    eps, sldj = model(x, noise=u)
+    z, flow_sldj = model.flows(*model.preprocess(x, u))
+    prior = torch.distributions.Normal(LABEL_GAIN * model.prior.mean[0], (LABEL_GAIN * model.prior.log_scale[0]).exp())
+    expected = -(prior.log_prob(z).flatten(1).sum(-1) + flow_sldj) + 16 * math.log(256)
+    assert (RealNVPLoss(reduction='none')(eps, sldj) - expected).abs().max() < 1e-9
+    terms = realnvp.nll_terms(model, x, noise=u)   # evaluate.py --breakdown: the prior term is N(mean, scale)'s
+    assert (sum(terms.values()) - expected).abs().max() < 1e-9
+    y, _ = model(eps, reverse=True)
+    assert (y - model.preprocess(x, u)[0]).abs().max() < 1e-8
+    with pytest.raises(ValueError, match='takes none'):
+        model(x, labels=torch.zeros(6, dtype=torch.long))
+
+
 def test_the_class_prior_gives_log_p_x_given_y_as_a_gaussian_of_the_flow_latent_would():
     """log p(x | y) from the model (eps and sldj through RealNVPLoss) against an independent computation: the
     flow's z under torch.distributions.Normal(mean_y, exp(log_scale_y)), in float64; and eps decodes back."""

@@ -75,7 +75,8 @@ def test_train_writes_checkpoints_metrics_plot_and_grid(full_run):
     s = ckpt['state']
     assert s['step'] == 14 and s['epoch'] == 2 and s['skipped'] == 0 and ckpt['format'] == plumbing.CHECKPOINT_FORMAT
     assert ckpt['config'] == dict(in_channels=1, img_size=8, num_scales=2, mid_channels=4, num_blocks=1,
-                                  data_constraint=0.9, flow_norm=True, t_bound=10.0, num_classes=0)   # the default's
+                                  data_constraint=0.9, flow_norm=True, t_bound=10.0, num_classes=0,
+                                  learned_prior=False)   # the default's
     assert ckpt['args']['seed'] == 0 and 'state' in ckpt['optimizer']
     last_lr = train.learning_rate(SimpleNamespace(**ckpt['args']), 13, 14)   # step 14 of 14 ran at this lr
     assert 0 < last_lr < 1e-3 and all(g['lr'] == last_lr for g in ckpt['optimizer']['param_groups'])
@@ -97,8 +98,8 @@ def test_resume_under_amp_equals_the_uninterrupted_run(data_dir, tmp_path, in_pr
     runs = {}
     for name, steps in (('full', []), ('stopped', ['--max-steps', 10])):
         runs[name] = str(tmp_path / name)
-        result = script('train.py', '--data-dir', data_dir, '--out-dir', runs[name], '--epochs', 2, *steps,
-                        *TINY_RUN, '--amp')
+        result = in_process('train.py', '--data-dir', data_dir, '--out-dir', runs[name], '--epochs', 2, *steps,
+                            *TINY_RUN, '--amp')
         assert result.returncode == 0, result.stderr
     assert 'bf16 autocast on' in open(os.path.join(runs['full'], 'train.log')).read()
     second = in_process('train.py', '--resume', os.path.join(runs['stopped'], 'last.pt'), '--data-dir', data_dir,
@@ -110,7 +111,8 @@ def test_resume_under_amp_equals_the_uninterrupted_run(data_dir, tmp_path, in_pr
 @pytest.mark.slow
 def test_resume_continues_and_equals_the_uninterrupted_run(full_run, data_dir, tmp_path, in_process):
     out = str(tmp_path / 'stopped')
-    first = script('train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 2, '--max-steps', 10, *TINY_RUN)
+    first = in_process('train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 2, '--max-steps', 10,
+                       *TINY_RUN)
     assert first.returncode == 0, first.stderr
     assert load(os.path.join(out, 'last.pt'))['state']['step'] == 10   # mid-way through epoch 2
     second = in_process('train.py', '--resume', os.path.join(out, 'last.pt'), '--data-dir', data_dir,
@@ -299,12 +301,18 @@ def test_a_kill_at_each_write_of_an_epoch_end_loses_nothing(full_run, data_dir, 
     killed = script_killed_after_writes(kill_after, 'train.py', *command)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     last, best = os.path.join(out, 'last.pt'), os.path.join(out, 'best.pt')
+    killed_run = json.load(open(os.path.join(out, 'config.json')))['run_id']
     if kill_after < 11:
         start = ['--resume', last] if os.path.exists(last) else ['--resume', best] if os.path.exists(best) else command
         assert start[1] == {2: data_dir, 4: data_dir, 5: best}.get(kill_after, last)
+        if start[1] == best:   # the same command again is pointed there
+            assert_one_line_error(new_run(data_dir, out), 2, f'--resume {best}')
         resumed = in_process('train.py', *start, *(['--data-dir', data_dir, '--num-threads', 1]
                                                     if start[0] == '--resume' else []))
         assert resumed.returncode == 0, resumed.stderr
+    # a run killed before its first checkpoint is restarted as a new run, which config.json and the files name
+    run_id = json.load(open(os.path.join(out, 'config.json')))['run_id']
+    assert (run_id != killed_run) == (kill_after == 2) and load(last)['run_id'] == load(best)['run_id'] == run_id
     assert_same_weights(last, os.path.join(full_run, 'last.pt'))
     assert_same_weights(best, os.path.join(full_run, 'best.pt'))
 
@@ -316,15 +324,27 @@ def test_a_kill_at_each_write_of_an_epoch_end_loses_nothing(full_run, data_dir, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('flags', [['--lr', '1e10'], ['--weight-decay', '1e300']])
-def test_a_run_that_goes_non_finite_stops_and_saves_nothing_non_finite(data_dir, tmp_path, flags):
+def test_a_run_that_goes_non_finite_stops_and_saves_nothing_non_finite(data_dir, tmp_path, flags, in_process):
     out = str(tmp_path / 'bad')
-    result = script('train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 3, *flags, *TINY_RUN)
+    result = in_process('train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 3, *flags, *TINY_RUN)
     assert result.returncode == 1, result.stdout + result.stderr
     assert 'not finite' in result.stdout or 'non-finite' in result.stdout
     for name in ('last.pt', 'best.pt'):
         if os.path.exists(os.path.join(out, name)):
             ckpt = load(os.path.join(out, name))
             assert plumbing.non_finite_tensor({k: ckpt[k] for k in ('model', 'train_model', 'optimizer')}) is None
+
+
+def test_a_write_removes_the_temporaries_of_killed_writers_beside_it_and_nothing_else(tmp_path):
+    """A kill mid-write leaves <file>.realnvp-tmp<pid> beside a grid, a CSV or a cached judge: the next write into
+    that folder removes it; a live process's temporary (its write in progress) and other files stay."""
+    dead = subprocess.Popen(['true'])
+    dead.wait()
+    names = [f'grid.png{plumbing.TMP_MARK}{dead.pid}', f'judge.pt{plumbing.TMP_MARK}{os.getpid()}', 'notes.tmp1']
+    for name in names:
+        (tmp_path / name).write_bytes(b'x')
+    plumbing.write_atomically(b'new', str(tmp_path / 'bpd.csv'))
+    assert sorted(os.listdir(tmp_path)) == sorted(['bpd.csv', *names[1:]])
 
 
 def test_a_full_disk_while_saving_leaves_the_old_checkpoint_and_no_temporary(tmp_path, monkeypatch):
@@ -363,10 +383,10 @@ def test_every_batch_is_full_and_every_image_is_seen_each_epoch():
     assert torch.equal(torch.stack(halves, 1).flatten()[:100], order[:100])
 
 
-@pytest.mark.parametrize('flow_norm, classes', [(False, 0), (True, 0), (True, 10)])
-@pytest.mark.parametrize('amp', [False, True])
+@pytest.mark.parametrize('amp, flow_norm, classes', [(False, False, 0), (True, True, 10)])
 def test_the_model_traces_into_one_graph_forward_and_reverse(amp, flow_norm, classes):
-    """torch.compile sees the whole flow, under --amp's autocast too, with a class prior too: no graph breaks."""
+    """torch.compile sees the whole flow: the lecture's model in fp32, and the default one with its flow norm and a
+    class prior under --amp's autocast. No graph breaks."""
     model = RealNVP(img_size=8, flow_norm=flow_norm, num_classes=classes, **TINY)
     labels = torch.tensor([0, 3, 9, 3]) if classes else None
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
@@ -493,36 +513,6 @@ def test_a_folder_the_project_did_not_make_is_refused_and_left_as_it_was(data_di
 
 
 @pytest.mark.slow
-def test_a_run_killed_before_its_first_checkpoint_is_restarted_as_one_run(data_dir, tmp_path):
-    """Killed right after config.json (its first write): a new run takes the folder over, and config.json, the log
-    and the checkpoints then all name that one run."""
-    out = str(tmp_path / 'run')
-    killed = script_killed_after_writes(1, 'train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 1,
-                                        *TINY_RUN)
-    assert killed.returncode == -signal.SIGKILL and os.listdir(out) != []
-    first = json.load(open(os.path.join(out, 'config.json')))['run_id']
-    result = new_run(data_dir, out, '--epochs', 1)
-    assert result.returncode == 0, result.stderr
-    second = json.load(open(os.path.join(out, 'config.json')))['run_id']
-    assert second != first and load(os.path.join(out, 'last.pt'))['run_id'] == second
-
-
-@pytest.mark.slow
-def test_a_run_killed_between_best_and_last_resumes_from_best_and_a_new_run_is_pointed_there(data_dir, tmp_path,
-                                                                                            in_process):
-    out = str(tmp_path / 'run')
-    killed = script_killed_after_writes(5, 'train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 2,
-                                        *TINY_RUN)
-    assert killed.returncode == -signal.SIGKILL
-    assert os.path.isfile(os.path.join(out, 'best.pt')) and not os.path.exists(os.path.join(out, 'last.pt'))
-    refused = new_run(data_dir, out)
-    assert_one_line_error(refused, 2, f'--resume {os.path.join(out, "best.pt")}')
-    resumed = in_process('train.py', '--resume', os.path.join(out, 'best.pt'), '--data-dir', data_dir)
-    assert resumed.returncode == 0, resumed.stderr
-    assert load(os.path.join(out, 'last.pt'))['state']['epoch'] == 2
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize('damage', ['random bytes', 'truncated', 'empty', 'a folder', 'a tensor', 'no state'])
 def test_a_damaged_last_pt_does_not_block_resuming_from_best(full_run, data_dir, tmp_path, damage, monkeypatch,
                                                               capsys):
@@ -608,11 +598,13 @@ def test_max_bad_steps_stops_there_and_says_how_many(data_dir, tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_torchrun_agrees_across_ranks_and_a_stop_and_resume_equals_the_uninterrupted_run(data_dir, tmp_path):
+def test_torchrun_agrees_across_ranks_and_a_stop_and_resume_equals_the_uninterrupted_run(data_dir, tmp_path,
+                                                                                        in_process):
     """Two processes (gloo on the CPU): the ranks end with the same weights, the checkpoint loads in one process,
     and a stop in the middle of epoch 2 and a resume give the uninterrupted run's weights, average, batch-norm
-    statistics, optimizer state and metrics, bit for bit (the lecture's recipe too, whose saved model is the
-    trained one with its running statistics)."""
+    statistics, optimizer state and metrics, bit for bit: the default recipe with a class-conditional model (each
+    rank its share of the labels), and the lecture's recipe, whose saved model is the trained one with its running
+    statistics averaged over the ranks."""
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', **OFFLINE}
 
     def torchrun(*args):
@@ -621,7 +613,7 @@ def test_torchrun_agrees_across_ranks_and_a_stop_and_resume_equals_the_uninterru
                                 text=True, timeout=300, env=env, cwd=HERE)
         assert result.returncode == 0, result.stderr[-3000:]
         return result
-    for recipe, *conditional in (('default',), ('lecture',), ('default', '--conditional')):
+    for recipe, *conditional in (('default', '--conditional'), ('lecture',)):   # labels sharded; no refresh
         full, stopped = (str(tmp_path / f'{recipe}{"".join(conditional)}-{run}') for run in ('full', 'stopped'))
         result = torchrun('--data-dir', data_dir, '--out-dir', full, '--epochs', 2, '--recipe', recipe, *conditional,
                           *TINY_RUN)
@@ -638,6 +630,39 @@ def test_torchrun_agrees_across_ranks_and_a_stop_and_resume_equals_the_uninterru
     assert evaluated.returncode == 0, evaluated.stderr
     # the same model on the same test images; only the dequantisation draws differ (Monte Carlo noise)
     assert abs(json.loads(evaluated.stdout)['bpd'] - ckpt['state']['best_bpd']) < 0.05
+    resumed = in_process('train.py', '--resume', os.path.join(full, 'last.pt'), '--epochs', 3, '--data-dir', data_dir,
+                         '--num-threads', 1)
+    assert resumed.returncode == 0 and 'saved by 2 process(es) and resumes on 1' in resumed.stdout, resumed.stderr
+
+
+@pytest.mark.slow
+def test_a_sigkill_to_torchruns_process_group_ends_its_workers_and_frees_the_folder(data_dir, tmp_path):
+    """torchrun starts its workers in sessions of their own: killing torchrun's process group must end them too,
+    so that the folder's lock is free and the run can be resumed."""
+    import fcntl
+    import time
+    out = tmp_path / 'run'
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', **OFFLINE}
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                             os.path.join(HERE, 'train.py'), '--data-dir', data_dir, '--out-dir', str(out),
+                             '--epochs', '200', *TINY_RUN], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=env, cwd=HERE, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith('training'):
+            break
+    worker = int((out / '.lock').read_text())   # rank 0 writes its pid into the lock file
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    try:
+        deadline = time.time() + 30
+        while plumbing.process_alive(worker) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not plumbing.process_alive(worker)
+        with open(out / '.lock', 'a+') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)   # free: raises BlockingIOError if a worker holds it
+    finally:   # a surviving rank 0 killed; rank 1 then fails at its next collective
+        if plumbing.process_alive(worker):
+            os.kill(worker, signal.SIGKILL)
 
 
 @pytest.mark.slow
@@ -669,6 +694,14 @@ def resumable_defect(ckpt, defect):
         ckpt['optimizer']['param_groups'] = ckpt['optimizer']['param_groups'][:1]
     elif defect == 'recipe':
         ckpt['args']['recipe'] = 'mine'
+    elif defect == 'batch 0':
+        ckpt['args']['batch_size'] = 0
+    elif defect == 'lr < 0':
+        ckpt['args']['lr'] = -1e-3
+    elif defect == 'epochs < 0':
+        ckpt['args']['epochs'] = -1
+    elif defect == 'state key':
+        ckpt['state']['momentum'] = 0.5
     elif defect == 'weight':
         ckpt['train_model'][next(iter(ckpt['train_model']))] = 3.0
     elif defect == 'nan train_model':
@@ -680,7 +713,7 @@ def resumable_defect(ckpt, defect):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('defect', ['rng', 'step', 'args', 'group', 'recipe', 'weight', 'nan train_model',
-                                    'nan optimizer'])
+                                    'nan optimizer', 'batch 0', 'lr < 0', 'epochs < 0', 'state key'])
 def test_a_hand_made_checkpoint_is_refused_on_resume_in_one_line(full_run, tmp_path, defect, capsys):
     run = copy_run(full_run, tmp_path / 'run')
     torch.save(resumable_defect(load(os.path.join(run, 'last.pt')), defect), os.path.join(run, 'last.pt'))
@@ -691,6 +724,23 @@ def test_a_hand_made_checkpoint_is_refused_on_resume_in_one_line(full_run, tmp_p
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert 'cannot be resumed' in last or 'do not fit' in last or 'state to resume' in last, last
     assert folder_bytes(run) == before
+
+
+def test_a_learned_prior_trains_and_a_resume_keeps_it(data_dir, tmp_path, in_process, capsys):
+    """--learned-prior: the prior's mean and log-scale train (they start at zero), the checkpoint's model has them,
+    and a resume takes the flag from the checkpoint and refuses the other value."""
+    out = str(tmp_path / 'learned')
+    result = in_process('train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 1, '--learned-prior',
+                        *TINY_RUN)
+    assert result.returncode == 0, result.stderr
+    ckpt = load(os.path.join(out, 'last.pt'))
+    assert ckpt['config']['learned_prior'] and ckpt['config']['num_classes'] == 0
+    assert ckpt['train_model']['prior.mean'].shape == (1, 1, 8, 8) and ckpt['train_model']['prior.mean'].abs().max() > 0
+    resume = ['--resume', os.path.join(out, 'last.pt'), '--epochs', '2', '--device', 'cpu']
+    assert train.parse_args(resume)[0].learned_prior is True
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(resume + ['--no-learned-prior'])
+    assert exit_info.value.code == 2 and '--learned-prior differs' in capsys.readouterr().err
 
 
 def test_the_largest_seed_fits_every_use_of_it(data_dir, tmp_path):

@@ -50,7 +50,7 @@ FROZEN, KEPT, PER_RUN = 'frozen', 'kept', 'per-run'
 RESUME_POLICY = {
     **dict.fromkeys(('batch_size', 'recipe', 'lr', 'weight_decay', 'warmup_steps', 'lr_decay', 'ema_decay',
                      'max_grad_norm', 'num_scales', 'mid_channels', 'num_blocks', 'image_size', 'flow_norm',
-                     't_bound', 'conditional', 'digits', 'dataset', 'seed', 'amp'), FROZEN),
+                     't_bound', 'conditional', 'learned_prior', 'digits', 'dataset', 'seed', 'amp'), FROZEN),
     **dict.fromkeys(('epochs', 'sample_every', 'log_every', 'max_bad_steps', 'data_dir', 'bn_refresh'), KEPT),
     **dict.fromkeys(('out_dir', 'resume', 'max_steps', 'device', 'compile', 'deterministic', 'num_threads'),
                     PER_RUN),
@@ -161,6 +161,7 @@ def resume_settings(args, given):
     P.check_resumable(ckpt, model, args.resume, {k: defaults[k] for k, p in RESUME_POLICY.items() if p != PER_RUN},
                       RECIPES, [f.name for f in fields(TrainState)])
     saved = ckpt['args']
+    check_saved_values(saved, args.resume)
     for key, policy in RESUME_POLICY.items():
         if policy == FROZEN and key in given and getattr(args, key) != saved[key]:
             raise ValueError(f'--{key.replace("_", "-")} differs from the checkpoint\'s ({saved[key]!r}); '
@@ -169,6 +170,22 @@ def resume_settings(args, given):
             setattr(args, key, saved[key])
     args.out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.resume))
     return ckpt
+
+
+def check_saved_values(saved, path):
+    """Each saved flag that a resume takes passes the parser's own check, as if typed on the command line: a
+    hand-edited checkpoint's batch size of 0 is refused here, in one line, before the folder is taken."""
+    parser = build_parser()
+
+    def refuse(message):
+        raise P.CheckpointError(f'{path} cannot be resumed: its saved {message}; sample.py and evaluate.py can use '
+                                f'its weights, or start a new run')
+    parser.error = refuse   # argparse's documented way to handle errors otherwise than by exiting
+    for key, policy in RESUME_POLICY.items():
+        value = saved[key]
+        if policy != PER_RUN and value is not None and not isinstance(value, bool):
+            flag = '--' + key.replace('_', '-')
+            parser.parse_args([flag, *map(str, value)] if isinstance(value, list) else [f'{flag}={value}'])
 
 
 # -----------------------------------------------------------------------------
@@ -552,6 +569,10 @@ def main(argv=None):
         data = P.load_run_data(args, dist, ckpt)
         run.record(dict(run_id=args.run_id, branched_from=args.branched_from, args=vars(args), data=data.fingerprint,
                         model=asdict(P.config_from_args(args)), world_size=dist.world))
+        if ckpt is not None and ckpt.get('world_size', 1) != dist.world:
+            run.log(f'note: the run was saved by {ckpt.get("world_size", 1)} process(es) and resumes on {dist.world}: '
+                    f'the batches are dealt out and dequantised otherwise from here on, so it will not match an '
+                    f'uninterrupted run bit for bit')
         torch.manual_seed(args.seed)
         model = RealNVP(P.config_from_args(args)).to(dist.device)
         optimizer = make_optimizer(model, args.lr, args.weight_decay)
