@@ -249,6 +249,8 @@ BAD_INPUT = [
     ('bench.py', ['--batch-size', '1000000000'], 2, ['GB', '--batch-size']),
     ('sample.py', ['--ckpt', '{huge}'], 1, ['GB', 'another checkpoint']),
     ('time_to_bpd.py', ['{tmp}', '--lecture', '{best}'], 2, ['exists']),
+    # hand-edited checkpoints: a saved flag passes the same check as a typed one
+    ('train.py', ['--resume', '{batch0}', '--epochs', '3'], 2, ['cannot be resumed', '--batch-size', 'positive']),
 ]
 
 
@@ -289,8 +291,11 @@ def bad_files(full_run, data_dir, tmp_path_factory):
     huge = load(best)
     huge['config']['mid_channels'] = 100000
     torch.save(huge, tmp / 'huge.pt')
+    batch0 = load(os.path.join(full_run, 'last.pt'))
+    batch0['args']['batch_size'] = 0
+    torch.save(batch0, tmp / 'batch0.pt')
     return dict(badmetrics=str(badmetrics), metricsdir=str(metricsdir), lockdir=str(tmp / 'lockdir'),
-                huge=str(tmp / 'huge.pt'),
+                huge=str(tmp / 'huge.pt'), batch0=str(tmp / 'batch0.pt'),
                 best=best, run=full_run, data=data_dir, tmp=str(tmp),
                 corrupt=str(tmp / 'corrupt.pt'),
                 misfit=str(tmp / 'misfit.pt'), empty=str(tmp / 'empty'), nonfinite=str(tmp / 'nonfinite.pt'),
