@@ -234,14 +234,23 @@ def test_ctrl_c_in_evaluate_is_one_line_and_exit_130(conditional_run, tmp_path):
     import sys
     from conftest import HERE, OFFLINE
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', **OFFLINE}
+    parent = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+    def as_from_a_shell():   # Ctrl-C handled by default and not blocked, whatever this test process has
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
     process = subprocess.Popen([sys.executable, os.path.join(HERE, 'evaluate.py'), '--ckpt',
                                 os.path.join(conditional_run, 'best.pt'), '--judge', '--n', '1000000', '--runs-dir',
                                 str(tmp_path / 'runs')], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=env, cwd=HERE)
+                               env=env, cwd=HERE, preexec_fn=as_from_a_shell)
     for line in process.stdout:
         if line.startswith('digit judge'):
             break
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130 and 'Traceback' not in stderr, stderr
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130 and 'Traceback' not in stderr, (stderr, parent)
     assert stderr.strip().splitlines()[-1] == 'evaluate.py: interrupted; nothing was written'
