@@ -117,7 +117,7 @@ def config_from_args(args):
     return RealNVPConfig(in_channels=in_channels, img_size=args.image_size, num_scales=args.num_scales,
                          mid_channels=args.mid_channels, num_blocks=args.num_blocks, flow_norm=args.flow_norm,
                          t_bound=args.t_bound, num_classes=NUM_CLASSES if args.conditional else 0,
-                         learned_prior=args.learned_prior and not args.conditional)
+                         learned_prior=args.learned_prior)
 
 
 # -----------------------------------------------------------------------------

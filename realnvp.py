@@ -13,8 +13,7 @@ notebook (Lecture 8: Normalizing Flows):
 How a run trains it (the step, the weight average, the batch-norm refresh) is in train.py; what the scripts
 share (checkpoints, run folders, devices, command lines, the digit judge of samples) is in plumbing.py.
 
-Direction convention, everywhere: `reverse=False` maps data -> latent and adds log|det J| to `sldj`;
-`reverse=True` maps latent -> data and leaves `sldj` alone.
+Direction: `reverse=False` maps data -> latent, adding log|det J| to `sldj`; `reverse=True` maps back, sldj untouched.
 """
 import gzip
 import math
@@ -294,8 +293,7 @@ class RealNVPConfig:
 
     `RealNVPConfig()` is the model `python train.py` trains: the lecture's architecture with the paper's batch
     normalisation after every coupling and bounded translations. `RealNVPConfig.lecture()` is the lecture
-    notebook's model exactly. Validates itself when built: a size the squeezes cannot take is a one-line
-    ValueError."""
+    notebook's model exactly. Validates itself when built: a size the squeezes cannot take is a one-line ValueError."""
     in_channels: int = 1
     img_size: int = 14
     num_scales: int = 2
@@ -321,6 +319,8 @@ class RealNVPConfig:
         for name in ('flow_norm', 'learned_prior'):
             if type(getattr(self, name)) is not bool:
                 raise ValueError(f'{name} must be True or False, got {getattr(self, name)!r}')
+        if self.learned_prior and self.num_classes:   # a class-conditional model learns a prior for each class
+            raise ValueError('learned_prior is for an unconditional model; a class-conditional one has its class prior')
         if type(self.t_bound) not in (int, float) or not 0.0 <= self.t_bound < math.inf:
             raise ValueError(f't_bound must be a finite number >= 0 (0: unbounded), got {self.t_bound!r}')
         if type(self.data_constraint) is not float or not 0.0 < self.data_constraint < 1.0:

@@ -515,6 +515,8 @@ def test_a_learned_prior_gives_log_p_x_as_a_gaussian_of_the_flow_latent_would():
     assert (y - model.preprocess(x, u)[0]).abs().max() < 1e-8
     with pytest.raises(ValueError, match='takes none'):
         model(x, labels=torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ValueError, match='learned_prior is for an unconditional model'):
+        RealNVPConfig(num_classes=10, learned_prior=True)   # --conditional --learned-prior: refused, not ignored
 
 
 def test_the_class_prior_gives_log_p_x_given_y_as_a_gaussian_of_the_flow_latent_would():
