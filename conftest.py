@@ -52,10 +52,10 @@ def perturb_and_settle(model, shape, seed=0, steps=3):
 
 
 def tiny_model(channels, size, scales, seed=0, **arch):
-    """A float64 tiny model, its batch norms settled; `arch`: RealNVPConfig settings (flow_norm, t_bound) other than
-    the lecture's, whose model it is without them."""
+    """A float64 tiny model, its batch norms settled; `arch`: RealNVPConfig settings (flow_norm, t_bound,
+    learned_prior, ...) other than the lecture's, whose model it is without them."""
     torch.manual_seed(seed)
-    arch = {'flow_norm': False, 't_bound': 0.0, **arch}
+    arch = {'flow_norm': False, 't_bound': 0.0, 'learned_prior': False, **arch}
     model = RealNVP(in_channels=channels, img_size=size, num_scales=scales, **arch, **TINY).double()
     return perturb_and_settle(model, (channels, size, size), seed)
 

@@ -87,13 +87,13 @@ def add_model_args(parser):
            'flow stays exact, and one unusual image cannot be carried far out of the range the later couplings '
            f'know; 0: unbounded, as in the lecture (default {default.t_bound:g}; 0 in the lecture\'s model)')
     a('--conditional', action=argparse.BooleanOptionalAction,
-      help='a class-conditional model (10 classes): a learned bias per label in every s/t network and a learned '
-           'Gaussian prior per label, so that log p(x | y) is exact and sample.py can draw a given digit '
-           '(default: off)')
+      help='a class-conditional model (10 classes): a learned bias per label in every s/t network (and, with the '
+           'learned prior, a Gaussian prior per label), so that log p(x | y) is exact and sample.py can draw a '
+           'given digit (default: off)')
     a('--learned-prior', action=argparse.BooleanOptionalAction,
-      help='an unconditional model\'s prior N(mean, diag(scale)^2) with a mean and a scale per latent dimension, '
-           'learned (one more exact invertible layer, as the class prior is); the lecture\'s is N(0, I) '
-           f'(default: {"on" if default.learned_prior else "off"})')
+      help='the prior N(mean, diag(scale)^2) with a mean and a scale per latent dimension, learned (one more exact '
+           'invertible layer; one per label with --conditional); off: N(0, I), the lecture\'s '
+           f'(default: {"on" if default.learned_prior else "off"}; off in the lecture\'s model)')
     parser.set_defaults(**model_flags(default))
 
 
@@ -241,7 +241,7 @@ def check_writable_folder(folder, what):
 # -----------------------------------------------------------------------------
 # Files: one atomic writer, checkpoints, pictures
 
-CHECKPOINT_FORMAT = 3   # the layout train.py writes; a checkpoint of another format is refused
+CHECKPOINT_FORMAT = 4   # the layout train.py writes; a checkpoint of another format is refused
 TMP_MARK = '.realnvp-tmp'   # temporaries are <file>.realnvp-tmp<pid>: the only files the project ever removes
 
 

@@ -292,8 +292,9 @@ class RealNVPConfig:
     """The architecture: everything needed to rebuild a model, as plain types (it travels in checkpoints).
 
     `RealNVPConfig()` is the model `python train.py` trains: the lecture's architecture with the paper's batch
-    normalisation after every coupling and bounded translations. `RealNVPConfig.lecture()` is the lecture
-    notebook's model exactly. Validates itself when built: a size the squeezes cannot take is a one-line ValueError."""
+    normalisation after every coupling, bounded translations and a learned prior. `RealNVPConfig.lecture()` is
+    the lecture notebook's model exactly. Validates itself when built: a size the squeezes cannot take is a
+    one-line ValueError."""
     in_channels: int = 1
     img_size: int = 14
     num_scales: int = 2
@@ -302,13 +303,14 @@ class RealNVPConfig:
     data_constraint: float = 0.9
     flow_norm: bool = True    # batch normalisation after each coupling (paper Section 3.7); the lecture has none
     t_bound: float = 10.0     # couplings' translations bounded to (-t_bound, t_bound) by a tanh; 0: unbounded
-    num_classes: int = 0      # > 0: class-conditional, a ClassPrior and the label in every s/t net; 0: N(0, I)
-    learned_prior: bool = False   # an unconditional model's prior N(mean, diag(scale)^2), learned: a ClassPrior of one
+    num_classes: int = 0      # > 0: class-conditional, the label in every s/t net (and a prior per class)
+    learned_prior: bool = True    # the prior N(mean, diag(scale)^2) learned (a ClassPrior, of one class if
+                                  # unconditional); False: N(0, I), the lecture's
 
     @classmethod
     def lecture(cls, **settings):
-        """The lecture notebook's model: no flow batch norm, unbounded translations."""
-        return cls(**{'flow_norm': False, 't_bound': 0.0, **settings})
+        """The lecture notebook's model: no flow batch norm, unbounded translations, the prior N(0, I)."""
+        return cls(**{'flow_norm': False, 't_bound': 0.0, 'learned_prior': False, **settings})
 
     def __post_init__(self):
         for name in ('in_channels', 'img_size', 'num_scales', 'mid_channels', 'num_blocks', 'num_classes'):
@@ -319,8 +321,6 @@ class RealNVPConfig:
         for name in ('flow_norm', 'learned_prior'):
             if type(getattr(self, name)) is not bool:
                 raise ValueError(f'{name} must be True or False, got {getattr(self, name)!r}')
-        if self.learned_prior and self.num_classes:   # a class-conditional model learns a prior for each class
-            raise ValueError('learned_prior is for an unconditional model; a class-conditional one has its class prior')
         if type(self.t_bound) not in (int, float) or not 0.0 <= self.t_bound < math.inf:
             raise ValueError(f't_bound must be a finite number >= 0 (0: unbounded), got {self.t_bound!r}')
         if type(self.data_constraint) is not float or not 0.0 < self.data_constraint < 1.0:
@@ -423,7 +423,7 @@ class RealNVP(nn.Module):
         c = self.config
         self.flows = Scale(0, c.num_scales, c.in_channels, c.mid_channels, c.num_blocks,
                            flow_norm=c.flow_norm, t_bound=c.t_bound, num_classes=c.num_classes)
-        self.prior = ClassPrior(max(c.num_classes, 1), self.shape) if c.num_classes or c.learned_prior else None
+        self.prior = ClassPrior(max(c.num_classes, 1), self.shape) if c.learned_prior else None
 
     @property
     def shape(self):

@@ -184,14 +184,15 @@ def test_answers_jacobian_cost_and_channel_parameters():
     assert round(steps, -2) == 1000 and round(steps / 128) == 8
 
     def by_kind(model):
-        counts = {'first': 0, 'last': 0, 'other': 0}
+        counts = {'first': 0, 'last': 0, 'other': 0, 'prior': 0}
         for name, p in model.named_parameters():
             outer = '.blocks.' not in name   # the ResNet's own in_conv and out_conv, not a residual block's
             kind = 'first' if outer and '.in_conv.' in name else 'last' if outer and '.out_conv.' in name else 'other'
-            counts[kind] += p.numel()
+            counts['prior' if name.startswith('prior.') else kind] += p.numel()
         return counts
     one, three = by_kind(RealNVP()), by_kind(RealNVP(in_channels=3, img_size=32))
     added = {kind: three[kind] - one[kind] for kind in one}
     assert (f'3×32×32 has {sum(added.values()):,} more than 1×14×14, {added["first"]:,} in the s/t '
-            f'networks\' first convolutions, {added["last"]:,} in their last 1×1 convolutions and '
-            f'{added["other"]:,} in the per-channel layers') in text
+            f'networks\' first convolutions, {added["last"]:,} in their last 1×1 convolutions, '
+            f'{added["other"]:,} in the per-channel layers and {added["prior"]:,} in the learned prior') in text
+    assert added['prior'] == 2 * (3 * 32 * 32 - 196)   # a mean and a log-scale per dimension

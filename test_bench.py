@@ -168,9 +168,9 @@ def test_the_launches_around_compiled_graphs_are_what_runs_outside_them(fresh_dy
 
 
 def test_a_conditional_model_adds_its_label_parameters_and_no_convolution_flops():
-    """--conditional: the parameters are the unconditional model's plus the prior (a mean and a log-scale per
-    class and dimension) and a bias per class for each s/t net's first convolution; the convolutions' FLOPs are
-    the same."""
+    """--conditional: the parameters are the unconditional model's plus nine more classes' prior (a mean and a
+    log-scale per class and dimension; the unconditional one has one) and a bias per class for each s/t net's first
+    convolution; the convolutions' FLOPs are the same."""
     import bench
     unconditional = RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1)
     conditional = RealNVPConfig(img_size=8, mid_channels=4, num_blocks=1, num_classes=10)
@@ -178,7 +178,7 @@ def test_a_conditional_model_adds_its_label_parameters_and_no_convolution_flops(
     model = RealNVP(conditional)
     first_convs = [m.in_conv.conv.weight.shape[0] for m in model.modules() if hasattr(m, 'class_bias')]
     assert len(first_convs) == 10   # 3 + 3 couplings at the first scale, 4 at the second
-    assert p1 - p0 == 2 * 10 * 64 + 10 * sum(first_convs) and (f1, s1) == (f0, s0)
+    assert p1 - p0 == 2 * (10 - 1) * 64 + 10 * sum(first_convs) and (f1, s1) == (f0, s0)
 
 
 def test_time_to_reach_interpolates_between_points_and_says_when_a_curve_never_gets_there():

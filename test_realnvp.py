@@ -219,15 +219,15 @@ def test_config_round_trips_through_plain_types():
 
 
 def test_one_path_from_settings_to_a_model():
-    """RealNVPConfig() is the default model (the paper's flow batch norm, bounded translations) and the one that
-    train.py and bench.py build from their default flags; the lecture's model is a preset; RealNVP(config) and the
-    keyword form build the same model; the config checks itself."""
+    """RealNVPConfig() is the default model (the paper's flow batch norm, bounded translations, a learned prior) and
+    the one that train.py and bench.py build from their default flags; the lecture's model is a preset;
+    RealNVP(config) and the keyword form build the same model; the config checks itself."""
     import bench
     import plumbing
     import train
     default, lecture = RealNVPConfig(), RealNVPConfig.lecture()
-    assert (default.flow_norm, default.t_bound) == (True, 10.0) and (lecture.flow_norm, lecture.t_bound) == (False, 0.0)
-    assert asdict(lecture) == {**asdict(default), 'flow_norm': False, 't_bound': 0.0}
+    assert (default.flow_norm, default.t_bound, default.learned_prior) == (True, 10.0, True)
+    assert asdict(lecture) == {**asdict(default), 'flow_norm': False, 't_bound': 0.0, 'learned_prior': False}
     assert RealNVP().config == default
     assert plumbing.config_from_args(train.parse_args(['--device', 'cpu'])[0]) == default
     assert plumbing.config_from_args(bench.build_parser().parse_args([])) == default
@@ -421,7 +421,7 @@ def test_batch_norm_flow_normalises_a_batch_and_its_logdet_is_the_jacobians():
 
 
 def test_flow_norm_is_a_layer_after_every_coupling_and_off_in_the_lectures_model():
-    plain, normed = RealNVP(RealNVPConfig.lecture(img_size=8, **TINY)), RealNVP(img_size=8, **TINY)
+    plain, normed = RealNVP(RealNVPConfig.lecture(img_size=8, **TINY)), RealNVP(img_size=8, learned_prior=False, **TINY)
     couplings = [m for m in normed.modules() if isinstance(m, CouplingLayer)]
     assert len(couplings) == 10 and all(isinstance(c.bn_flow, realnvp.BatchNormFlow) for c in couplings)
     assert not any(isinstance(m, realnvp.BatchNormFlow) for m in plain.modules())
@@ -487,7 +487,7 @@ def conditional_tiny(seed=0):
     """A float64 tiny class-conditional model, its prior moved off zero (means of spread 1, log-scales of 0.5 as
     used, the stored parameters times LABEL_GAIN), in eval mode."""
     torch.manual_seed(seed)
-    model = tiny_model(1, 4, 2, num_classes=3)
+    model = tiny_model(1, 4, 2, num_classes=3, learned_prior=True)
     with torch.no_grad():
         model.prior.mean.normal_(0.0, 1.0 / LABEL_GAIN)
         model.prior.log_scale.normal_(0.0, 0.5 / LABEL_GAIN)
@@ -515,8 +515,11 @@ def test_a_learned_prior_gives_log_p_x_as_a_gaussian_of_the_flow_latent_would():
     assert (y - model.preprocess(x, u)[0]).abs().max() < 1e-8
     with pytest.raises(ValueError, match='takes none'):
         model(x, labels=torch.zeros(6, dtype=torch.long))
-    with pytest.raises(ValueError, match='learned_prior is for an unconditional model'):
-        RealNVPConfig(num_classes=10, learned_prior=True)   # --conditional --learned-prior: refused, not ignored
+    lecture_conditional = tiny_model(1, 4, 2, num_classes=3)   # the prior N(0, I): the label in the couplings only
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    z, sldj = lecture_conditional(x, noise=u, labels=labels)
+    flow_z, flow_sldj = lecture_conditional.flows(*lecture_conditional.preprocess(x, u), labels=labels)
+    assert lecture_conditional.prior is None and torch.equal(z, flow_z) and torch.equal(sldj, flow_sldj)
 
 
 def test_the_class_prior_gives_log_p_x_given_y_as_a_gaussian_of_the_flow_latent_would():
@@ -543,7 +546,7 @@ def test_a_conditional_model_s_logdet_matches_brute_force_for_each_label_and_the
         flow_norm):
     """For a fixed label the couplings are still couplings: log|dz/du| by brute force in float64 equals the sldj,
     and reverse inverts; and a different label gives the flow (not only the prior) a different latent."""
-    model = tiny_model(1, 4, 2, num_classes=3, flow_norm=flow_norm)
+    model = tiny_model(1, 4, 2, num_classes=3, flow_norm=flow_norm, learned_prior=True)
     x = torch.randint(0, 256, (1, 1, 4, 4)).double() / 255
     u = torch.rand_like(x)
     latents = []

@@ -76,7 +76,7 @@ def test_train_writes_checkpoints_metrics_plot_and_grid(full_run):
     assert s['step'] == 14 and s['epoch'] == 2 and s['skipped'] == 0 and ckpt['format'] == plumbing.CHECKPOINT_FORMAT
     assert ckpt['config'] == dict(in_channels=1, img_size=8, num_scales=2, mid_channels=4, num_blocks=1,
                                   data_constraint=0.9, flow_norm=True, t_bound=10.0, num_classes=0,
-                                  learned_prior=False)   # the default's
+                                  learned_prior=True)   # the default's
     assert ckpt['args']['seed'] == 0 and 'state' in ckpt['optimizer']
     last_lr = train.learning_rate(SimpleNamespace(**ckpt['args']), 13, 14)   # step 14 of 14 ran at this lr
     assert 0 < last_lr < 1e-3 and all(g['lr'] == last_lr for g in ckpt['optimizer']['param_groups'])
@@ -726,17 +726,13 @@ def test_a_hand_made_checkpoint_is_refused_on_resume_in_one_line(full_run, tmp_p
     assert folder_bytes(run) == before
 
 
-def test_a_learned_prior_trains_and_a_resume_keeps_it(data_dir, tmp_path, in_process, capsys):
-    """--learned-prior: the prior's mean and log-scale train (they start at zero), the checkpoint's model has them,
-    and a resume takes the flag from the checkpoint and refuses the other value."""
-    out = str(tmp_path / 'learned')
-    result = in_process('train.py', '--data-dir', data_dir, '--out-dir', out, '--epochs', 1, '--learned-prior',
-                        *TINY_RUN)
-    assert result.returncode == 0, result.stderr
-    ckpt = load(os.path.join(out, 'last.pt'))
+def test_the_learned_prior_trains_and_a_resume_keeps_it(full_run, capsys):
+    """The default's learned prior: its mean and log-scale train (they start at zero), the checkpoint's model has
+    them, and a resume takes the setting from the checkpoint and refuses the other value."""
+    ckpt = load(os.path.join(full_run, 'last.pt'))
     assert ckpt['config']['learned_prior'] and ckpt['config']['num_classes'] == 0
     assert ckpt['train_model']['prior.mean'].shape == (1, 1, 8, 8) and ckpt['train_model']['prior.mean'].abs().max() > 0
-    resume = ['--resume', os.path.join(out, 'last.pt'), '--epochs', '2', '--device', 'cpu']
+    resume = ['--resume', os.path.join(full_run, 'last.pt'), '--epochs', '3', '--device', 'cpu']
     assert train.parse_args(resume)[0].learned_prior is True
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(resume + ['--no-learned-prior'])

@@ -6,9 +6,9 @@
     torchrun --nproc_per_node 2 train.py ...          # several processes (DistributedDataParallel)
 
 The default model is RealNVPConfig(): the lecture's architecture with the paper's batch normalisation after
-every coupling and bounded translations. The default recipe trains it with Adam at 1e-3, the paper's L2
-penalty on the weight-norm scales, a weight average whose batch-norm statistics are recomputed before each
-evaluation, and the learning rate lowered to 0 over the last 20% of the run. `--recipe lecture` is the
+every coupling, bounded translations and a learned prior. The default recipe trains it with Adam at 1e-3, the
+paper's L2 penalty on the weight-norm scales, a weight average whose batch-norm statistics are recomputed before
+each evaluation, and the learning rate lowered to 0 over the last 20% of the run. `--recipe lecture` is the
 lecture's model trained as the lecture trains it.
 
 Each run writes to its own folder: config.json, train.log, metrics.csv, curves.png,
