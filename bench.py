@@ -46,7 +46,6 @@ def build_parser():
     a('--compile', action='store_true', help='torch.compile the model, as train.py --compile')
     a('--flops-only', action='store_true',
       help='print parameters, FLOPs per image and the memory a step keeps for its backward pass; time nothing')
-    a('--profile', action='store_true', help='also print the training step\'s top operators (torch.profiler)')
     a('--lecture', default=None, metavar='NOTEBOOK',
       help='also time the lecture notebook\'s own code (its text file, e.g. ../shared/seed/000_*.txt) on the same '
            'config, device and data, for comparison')
@@ -90,21 +89,14 @@ def lecture_code(notebook):
     return namespace
 
 
-def lecture_model(lecture, config, device):
-    """The lecture's RealNVP for a RealNVPConfig, on `device`."""
+def lecture_training(notebook, config, device):
+    """The lecture's own code, ready to train: (its RealNVP for a RealNVPConfig on `device`, its loss, step(x)), a
+    step being the forward pass, its loss, backward, its gradient clipping at 100 and Adam at 1e-3."""
+    lecture = lecture_code(notebook)
     hyper = SimpleNamespace(num_scales=config.num_scales, mid_channels=config.mid_channels,
                             num_blocks=config.num_blocks)
-    model = lecture['RealNVP'](config.img_size, config.in_channels, hyper)
-    model.to(device)  # its own constructor picks CUDA when there is one; follow --device instead
-    model.device = device
-    return model
-
-
-def lecture_training(notebook, config, device):
-    """The lecture's own code, ready to train: (its model, its loss, step(x)), a step being the forward pass, its
-    loss, backward, its gradient clipping at 100 and Adam at 1e-3."""
-    lecture = lecture_code(notebook)
-    model = lecture_model(lecture, config, device)
+    model = lecture['RealNVP'](config.img_size, config.in_channels, hyper).to(device)
+    model.device = device   # its own constructor picks CUDA when there is one; follow --device instead
     loss_fn = lecture['RealNVPLoss']()
     clip = lecture['clip_grad_norm']
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -122,8 +114,10 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device, repeats):
-    """Median seconds of `repeats` calls of fn, each bracketed by a device sync."""
+def timed(fn, device, repeats, warmup=0):
+    """Median seconds of `repeats` calls of fn, each bracketed by a device sync, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         synchronize(device)
@@ -162,15 +156,12 @@ def saved_for_backward(config, batch_sizes=(4, 8)):
     return per_image, s0 - n0 * per_image
 
 
-def measure_flops(config):
-    params, forward, step = count_flops(config)
-    per_image, fixed = saved_for_backward(config)
-    return dict(parameters=params, gflop_forward_per_image=forward / 1e9, gflop_train_step_per_image=step / 1e9,
-                saved_for_backward_mib_per_image=per_image, saved_for_backward_mib_fixed=fixed)
-
-
-def training_step(args, config, device):
-    """(model, autocast, images, step): a model of `config` in train mode and a function doing one training step."""
+def measure_training(args, config, device):
+    """Training, sampling and evaluation throughput of this project's model, and the peak memory. The step timed
+    is train.py's `train_step`, on a model of `config` in train mode."""
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     model = RealNVP(config).to(device).train()
     guard = SkipGuard(model, make_optimizer(model, 1e-3, 5e-5), 100.0)
@@ -179,26 +170,13 @@ def training_step(args, config, device):
     images = torch.randint(0, 256, (args.batch_size, *model.shape), dtype=torch.uint8, device=device)
     loss_fn = RealNVPLoss()
     labels = example_labels(config, args.batch_size, device)
-
-    def step():
-        train_step(net, guard, loss_fn, to_unit(images), autocast, labels)
-    return model, autocast, images, step
-
-
-def measure_training(args, config, device):
-    """Training, sampling and evaluation throughput of this project's model, and the peak memory."""
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
-        torch.cuda.reset_peak_memory_stats(device)
-    model, autocast, images, step = training_step(args, config, device)
+    step = lambda: train_step(net, guard, loss_fn, to_unit(images), autocast, labels)
     start = time.perf_counter()
     step()   # with --compile: the compilation
     synchronize(device)
     first_s = time.perf_counter() - start
-    for _ in range(args.warmup):
-        step()
-    train_s = timed(step, device, args.steps)
-    shares, table = measure_profile(step, device)
+    train_s = timed(step, device, args.steps, args.warmup)
+    shares = measure_profile(step, device)
     if args.compile:   # the graphs (each one launch under CUDA graphs) and what runs around them
         shares.update(count_launches_around_graphs(step))
     else:
@@ -206,7 +184,6 @@ def measure_training(args, config, device):
     average = WeightAverage(model, 0.999)
     ema_s = timed(lambda: average.update(model, 1000), device, args.steps)
     noise = torch.rand(images.shape, device=device)
-    labels = example_labels(config, len(images), device)
     with autocast:   # as train.py refreshes and evaluates
         refresh_s = timed(lambda: refresh_batch_norm(average.model, [(to_unit(images), noise, labels)]), device,
                           max(2, args.steps // 2))
@@ -214,14 +191,13 @@ def measure_training(args, config, device):
         eval_s = timed(lambda: nll_per_image(model, images, batch_size=args.batch_size, labels=labels), device,
                        max(2, args.steps // 2))
     if device.type == 'cuda':
-        peak_mb, kind = torch.cuda.max_memory_allocated(device) / 2 ** 20, 'cuda allocated'
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
     else:
-        peak_mb, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'process RSS'  # Linux KiB
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux KiB
     return dict(train_images_per_s=args.batch_size / train_s, train_step_s=train_s, first_step_s=first_s, **shares,
-                **({'profile_table': table} if args.profile else {}),
                 ema_update_share_of_step=ema_s / train_s, bn_refresh_batch_share_of_step=refresh_s / train_s,
                 sample_images_per_s=args.batch_size / sample_s, eval_images_per_s=args.batch_size / eval_s,
-                peak_memory_mb=peak_mb, peak_memory_kind=kind)
+                peak_memory_mb=peak_mb)
 
 
 def conv_shapes(config, batch_size):
@@ -253,9 +229,7 @@ def conv_flops_per_s(shape, device, dtype, warmup=5, repeats=15):
     def step():   # fresh gradients each time, as in a training step (adding into old ones costs as much here)
         x.grad = w.grad = None
         torch.nn.functional.conv2d(x, w, padding=padding).backward(grad)
-    for _ in range(warmup):   # on a CPU the first few calls of a shape run up to 2x slower
-        step()
-    return conv_step_flops(shape) / timed(step, device, repeats)
+    return conv_step_flops(shape) / timed(step, device, repeats, warmup)   # a shape's first calls: up to 2x slower
 
 
 def conv_step_flops(shape):
@@ -291,6 +265,19 @@ def measure_ceiling(args, config, device, train):
     return result
 
 
+NO_KERNEL = (torch.ops.aten.detach, torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.new_empty,
+             torch.ops.aten.new_empty_strided)
+
+
+def is_kernel(op):
+    """Whether an operator (an OpOverload, or the profiler's name of one: 'aten::mul') runs a kernel itself: not
+    a view, not an allocation."""
+    if isinstance(op, str):
+        packet = getattr(torch.ops.aten, op.removeprefix('aten::'), None)
+        op = packet and (getattr(packet, 'default', None) or getattr(packet, packet.overloads()[0]))
+    return op is None or not op.is_view and op.overloadpacket not in NO_KERNEL
+
+
 class LaunchCounter(TorchDispatchMode):
     """Counts the operator calls that run a kernel, forward and backward, in the order autograd and the optimizer
     make them: every aten call but views (and detach), which only make a new tensor header, and the allocations
@@ -302,11 +289,8 @@ class LaunchCounter(TorchDispatchMode):
         super().__init__()
         self.ops = []   # the overload packets called, in order
 
-    NO_KERNEL = (torch.ops.aten.detach, torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.new_empty,
-                 torch.ops.aten.new_empty_strided)
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func.overloadpacket not in self.NO_KERNEL:
+        if is_kernel(func):
             self.ops.append(func.overloadpacket)
         return func(*args, **(kwargs or {}))
 
@@ -316,16 +300,6 @@ def count_launches(fn):
     with LaunchCounter() as counter:
         fn()
     return len(counter.ops)
-
-
-def is_kernel(op_name):
-    """Whether the profiler's operator `op_name` ('aten::mul') runs a kernel itself: not a view, not an
-    allocation (LaunchCounter's rule)."""
-    packet = getattr(torch.ops.aten, op_name.removeprefix('aten::'), None)
-    if packet is None:
-        return True
-    first = getattr(packet, 'default', None) or getattr(packet, packet.overloads()[0])
-    return not first.is_view and packet not in LaunchCounter.NO_KERNEL
 
 
 def count_launches_around_graphs(step):
@@ -357,8 +331,7 @@ def count_launches_around_graphs(step):
 
 
 def measure_profile(step, device, steps=2):
-    """The share of a training step's time spent outside convolutions (torch.profiler, self time by operator),
-    and the operators' table."""
+    """The share of a training step's time spent outside convolutions (torch.profiler, self time by operator)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
@@ -373,8 +346,7 @@ def measure_profile(step, device, steps=2):
     # on CUDA the kernels launched (what CUDA graphs replay at once); elsewhere the operators called
     cuda = {'cuda_kernels_per_step': sum(e.device_type == DeviceType.CUDA for e in prof.events()) / steps} \
         if device.type == 'cuda' else {}
-    return (dict(share_outside_convolutions=1.0 - conv / total, **cuda),
-            ops.table(sort_by=key, row_limit=15))
+    return dict(share_outside_convolutions=1.0 - conv / total, **cuda)
 
 
 def measure_lecture(args, config, device, train):
@@ -383,12 +355,8 @@ def measure_lecture(args, config, device, train):
     step = lecture_training(args.lecture, config, device)[2]
     shape = (args.batch_size, config.in_channels, config.img_size, config.img_size)
     x = torch.randint(0, 256, shape, device=device) / 255.0
-    lecture_step = lambda: step(x)
-    for _ in range(args.warmup):
-        lecture_step()
-    lecture = args.batch_size / timed(lecture_step, device, args.steps)
-    return dict(lecture_train_images_per_s=lecture, speedup_over_lecture=train['train_images_per_s'] / lecture,
-                conv_bound_over_lecture=train['conv_bound_images_per_s'] / lecture)
+    lecture = args.batch_size / timed(lambda: step(x), device, args.steps, args.warmup)
+    return dict(lecture_train_images_per_s=lecture, speedup_over_lecture=train['train_images_per_s'] / lecture)
 
 
 def benchmark(args):
@@ -397,8 +365,12 @@ def benchmark(args):
     P.check_memory(P.memory_needed(config, args.batch_size, args.batch_size), f'a training step of {args.batch_size} '
                    f'images', 'a smaller --batch-size')
     before_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux KiB: torch and the modules
+    params, forward, step = count_flops(config)
+    per_image, fixed = saved_for_backward(config)
     result = dict(config=vars(args) | {'device': str(device), 'threads': torch.get_num_threads()},
-                  memory_before_model_mb=before_model, **measure_flops(config))
+                  memory_before_model_mb=before_model, parameters=params, gflop_forward_per_image=forward / 1e9,
+                  gflop_train_step_per_image=step / 1e9, saved_for_backward_mib_per_image=per_image,
+                  saved_for_backward_mib_fixed=fixed)
     if args.flops_only:
         return result
     result.update(measure_training(args, config, device))
@@ -424,11 +396,10 @@ TABLE = [
     ('bn_refresh_batch_share_of_step', 'batch-norm refresh, per batch / training step', '{:.3f}'),
     ('sample_images_per_s', 'sampling images/s', '{:.1f}'),
     ('eval_images_per_s', 'evaluation images/s', '{:.1f}'),
-    ('peak_memory_mb', 'peak memory, MiB', '{:.0f}'),
+    ('peak_memory_mb', 'peak memory, MiB (CUDA: allocated; else: process RSS)', '{:.0f}'),
     ('memory_before_model_mb', 'process memory before the model is built (RSS), MiB', '{:.0f}'),
     ('saved_for_backward_mib_per_image', 'kept for the backward pass, MiB an image (fp32)', '{:.1f}'),
     ('saved_for_backward_mib_fixed', 'kept for the backward pass, MiB besides (weights)', '{:.0f}'),
-    ('peak_memory_kind', 'measured as', '{}'),
     ('achieved_gflop_per_s', 'achieved GFLOP/s in training', '{:.1f}'),
     ('matmul_fp32_gflop_per_s', 'fp32 matmul GFLOP/s (2048^2, same run)', '{:.1f}'),
     ('conv_fp32_gflop_per_s', 'fp32 best model convolution GFLOP/s (fwd+bwd)', '{:.1f}'),
@@ -440,7 +411,6 @@ TABLE = [
     ('conv_bound_share_of_step', 'the convolutions alone / training step', '{:.2f}'),
     ('lecture_train_images_per_s', 'lecture code: training images/s', '{:.1f}'),
     ('speedup_over_lecture', 'speed-up over the lecture code', '{:.2f}x'),
-    ('conv_bound_over_lecture', 'the bound / the lecture code', '{:.2f}x'),
 ]
 
 
@@ -453,11 +423,6 @@ def print_table(result):
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f'  {label:<{width}}  {value:>12}')
-    if result.get('ratio_to_ceiling', 0) > 1:
-        print('  the step ran faster than the measured ceiling: the reference is wrong (a kernel the model uses '
-              'is faster than those timed here), not the model')
-    if 'profile_table' in result:
-        print(result['profile_table'])
 
 
 def main(argv=None):

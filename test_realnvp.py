@@ -265,9 +265,9 @@ def with_lecture_names(state):
 def test_same_weights_give_the_lecture_models_latent_and_log_det(channels, size, scales):
     """Our model is the lecture's architecture: its state dict loads into the lecture's code, and both agree."""
     import bench
-    lecture = bench.lecture_code(NOTEBOOK)
     ours = tiny_model(channels, size, scales)
-    theirs = bench.lecture_model(lecture, ours.config, torch.device('cpu')).double()
+    theirs, their_loss_fn, _ = bench.lecture_training(NOTEBOOK, ours.config, torch.device('cpu'))
+    theirs.double()
     state = with_lecture_names(ours.state_dict())
     missing, unexpected = theirs.load_state_dict(state, strict=False)
     assert missing == ['data_constraint'] and unexpected == []
@@ -282,7 +282,7 @@ def test_same_weights_give_the_lecture_models_latent_and_log_det(channels, size,
     assert (z_ours - z_theirs).abs().max() < 1e-9
     assert (sldj_ours - sldj_theirs).abs().max() < 1e-9
     # .contiguous(): the lecture's loss calls .view, which fails on its own 3-channel, 3-scale latent
-    their_loss = lecture['RealNVPLoss']()(z_theirs.contiguous(), sldj_theirs)
+    their_loss = their_loss_fn(z_theirs.contiguous(), sldj_theirs)
     assert abs(RealNVPLoss()(z_ours, sldj_ours).item() - their_loss.item()) < 1e-8
 
 
