@@ -21,6 +21,10 @@ TINY_RUN = ['--image-size', '8', '--mid-channels', '4', '--num-blocks', '1', '--
 OFFLINE = {'http_proxy': 'http://127.0.0.1:9', 'https_proxy': 'http://127.0.0.1:9',
            'HTTP_PROXY': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9'}
 
+if os.environ.get('PYTEST_XDIST_WORKER'):   # pytest -n N: the workers share the cores, one thread each (in the
+    os.environ['OMP_NUM_THREADS'] = '1'     # processes they start too): torch's threads spin while they wait, so
+    torch.set_num_threads(1)                # two workers of two threads on two cores run many times slower
+
 
 # -----------------------------------------------------------------------------
 # models and brute force
