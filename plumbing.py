@@ -172,9 +172,13 @@ def set_determinism(deterministic, device):
 
 
 def compile_model(net, device):
-    """torch.compile for training: static shapes (every batch is full); on CUDA, CUDA graphs, with each call of
-    the compiled net starting a new step (the last step's graph outputs are no longer needed)."""
-    compiled = torch.compile(net, mode='reduce-overhead' if device.type == 'cuda' else None, dynamic=False)
+    """torch.compile for training: static shapes (every batch is full); on CUDA, CUDA graphs (the options of mode
+    'reduce-overhead'), with each call of the compiled net starting a new step (the last step's graph outputs are
+    no longer needed). Without inductor's layout optimisation, which would store the convolutions' weights
+    channels-last inside the graphs: their gradients would come channels-last, and autograd would copy each into
+    its parameter's layout, a launch a weight outside the graphs (the activations are channels-last already)."""
+    options = {'triton.cudagraphs': device.type == 'cuda', 'layout_optimization': False}
+    compiled = torch.compile(net, options=options, dynamic=False)
     if device.type == 'cuda':
         compiled.register_forward_pre_hook(lambda module, args: torch.compiler.cudagraph_mark_step_begin())
     return compiled

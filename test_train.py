@@ -403,7 +403,7 @@ def counting_compile(monkeypatch):
     import functools
     graphs = []
 
-    def backend(graph_module, example_inputs):
+    def backend(graph_module, example_inputs, options=None):   # inductor's options: none apply here
         graphs.append(graph_module)
         return graph_module.forward
     monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend=backend))
@@ -431,7 +431,7 @@ def test_a_model_compiled_for_cuda_starts_a_cuda_graph_step_at_every_call(monkey
     """Under CUDA graphs each training step must tell torch that the last step's outputs are free: the compiled
     net does it itself before each call (checked here with dynamo's eager backend on the CPU)."""
     compile = torch.compile
-    monkeypatch.setattr(torch, 'compile', lambda net, mode, dynamic: compile(net, backend='eager', dynamic=dynamic))
+    monkeypatch.setattr(torch, 'compile', lambda net, options, dynamic: compile(net, backend='eager', dynamic=dynamic))
     marks = []
     monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', lambda: marks.append(1))
     net = torch.nn.Linear(2, 2)
@@ -784,6 +784,25 @@ def test_the_skip_guard_saves_every_buffer_in_one_launch_a_dtype_and_puts_all_ba
     nan_images = torch.full((8, 1, 4, 4), float('nan'))   # its forward pass leaves NaN in every statistic it moves
     assert train_step(model, guard, RealNVPLoss(), nan_images, nullcontext())[1] is True
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.slow
+def test_under_compile_every_gradient_comes_in_its_weights_own_layout(fresh_dynamo):
+    """--compile, with the real compiler: every parameter's gradient arrives with its parameter's strides
+    (dimensions of size 1 aside), so autograd takes it as it is; a copy into the parameter's layout would be one more
+    launch a weight outside the compiled graphs. The 3x3 convolutions' weights are among them."""
+    torch.manual_seed(0)
+    model = RealNVP(img_size=4, num_scales=1, **TINY)   # one scale: 4 couplings, the quickest to compile
+    guard = SkipGuard(model, make_optimizer(model, 1e-3, 0.0), 100.0)
+    net = plumbing.compile_model(model, torch.device('cpu'))
+    assert train_step(net, guard, RealNVPLoss(), torch.rand(16, 1, 4, 4), nullcontext())[1] is False   # compiles
+    strides = lambda t: [s for s, n in zip(t.stride(), t.shape) if n > 1]
+    mismatched = []
+    for name, p in model.named_parameters():
+        p.register_hook(lambda g, name=name, p=p: mismatched.append(name) if strides(g) != strides(p) else None)
+    assert train_step(net, guard, RealNVPLoss(), torch.rand(16, 1, 4, 4), nullcontext())[1] is False
+    convolutions = [n for n, p in model.named_parameters() if p.dim() == 4 and p.shape[-1] == 3]
+    assert mismatched == [] and len(convolutions) == 12 and all(p.grad is not None for p in model.parameters())
 
 
 def test_the_finiteness_check_of_a_whole_checkpoint_asks_the_host_once():

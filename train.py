@@ -52,8 +52,7 @@ RESUME_POLICY = {
                      'max_grad_norm', 'num_scales', 'mid_channels', 'num_blocks', 'image_size', 'flow_norm',
                      't_bound', 'conditional', 'learned_prior', 'digits', 'dataset', 'seed', 'amp'), FROZEN),
     **dict.fromkeys(('epochs', 'sample_every', 'log_every', 'max_bad_steps', 'data_dir', 'bn_refresh'), KEPT),
-    **dict.fromkeys(('out_dir', 'resume', 'max_steps', 'device', 'compile', 'deterministic', 'num_threads'),
-                    PER_RUN),
+    **dict.fromkeys(('out_dir', 'resume', 'max_steps', 'device', 'compile', 'deterministic', 'num_threads'), PER_RUN),
 }
 
 
@@ -499,8 +498,7 @@ class Trainer:
         --amp's autocast: the density function training optimised."""
         with self.autocast:
             nll = nll_per_image(averaged, self.data.test, EVAL_BATCH, labels=self.data.test_labels).double()
-        total = self.dist.all_reduce(torch.stack([nll.sum(), torch.tensor(float(len(nll)), device=self.dist.device,
-                                                                          dtype=torch.float64)]))
+        total = self.dist.all_reduce(torch.stack([nll.sum(), nll.new_tensor(float(len(nll)))]))
         return self.bpd((total[0] / total[1]).item())
 
     def checkpoint(self, averaged):
