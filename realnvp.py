@@ -571,18 +571,19 @@ def nll_per_image(model, images, batch_size=512, dequant_samples=1, labels=None)
 
 @torch.no_grad()
 def class_nll(model, images, batch_size=512):
-    """-log p(x | y) in nats of each uint8 image for every class y of a class-conditional model: (N, K), in eval
-    mode, from one dequantisation draw per image shared by the K classes and one pass of the model per class
-    (the couplings see the label). The Bayes classifier is its argmin (with a uniform p(y)); the marginal NLL
-    is -logsumexp_y(-nll_y + log p(y))."""
+    """-log p(x | y) in nats of each uint8 image for every class y of a class-conditional model: (N, K), in eval mode,
+    one dequantisation draw per image for all K; the couplings see y, so K copies of batch_size / K images a pass.
+    The Bayes classifier is its argmin (with a uniform p(y)); the marginal NLL is -logsumexp_y(-nll_y + log p(y))."""
+    K = model.config.num_classes
     loss_fn = RealNVPLoss(reduction='none')
     parts = []
     with in_mode(model, False):
-        for batch in images.split(batch_size):
+        for batch in images.split(max(1, batch_size // K)):
             x = to_unit(batch.to(model.device)).to(model.dtype)             # (b, C, H, W)
             u = torch.rand_like(x)                                          # the same draw for every class
-            labels = [torch.full((len(x),), y, device=x.device) for y in range(model.config.num_classes)]
-            parts.append(torch.stack([loss_fn(*model(x, noise=u, labels=y)) for y in labels], dim=1))   # (b, K)
+            labels = torch.arange(K, device=x.device).repeat_interleave(len(x))   # (K b,): class k for copy k
+            nll = loss_fn(*model(x.repeat(K, 1, 1, 1), noise=u.repeat(K, 1, 1, 1), labels=labels))   # (K b,)
+            parts.append(nll.view(K, len(x)).T)                             # (b, K)
     return torch.cat(parts)
 
 
@@ -602,8 +603,7 @@ def get_param_groups(model, weight_decay):
 # -----------------------------------------------------------------------------
 # 6. Data: MNIST and CIFAR-10 through torchvision, held in memory as uint8 tensors
 
-MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
-               't10k-labels-idx1-ubyte')
+MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
 DATASET_CHANNELS = {'mnist': 1, 'cifar10': 3}
 DATASETS = tuple(DATASET_CHANNELS)
 

@@ -574,14 +574,16 @@ def test_a_class_prior_at_zero_is_the_unconditional_model():
 
 
 def test_class_nll_is_the_model_nll_under_each_label():
-    """class_nll runs the flow once and the prior for every class: each column equals the model's NLL with that
-    label, for the same dequantisation draw."""
+    """class_nll, all classes in one pass: each column equals the model's NLL with that label, for the same
+    dequantisation draw, over several passes (batch_size 7: 2 images a pass, 3 classes each)."""
     model = conditional_tiny()
     images = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8)
     torch.manual_seed(1)
-    table = realnvp.class_nll(model, images)
+    table = realnvp.class_nll(model, images, batch_size=7)
+    torch.manual_seed(1)
+    noise = torch.cat([torch.rand(len(part), 1, 4, 4, dtype=torch.float64) for part in images.split(2)])
+    x = realnvp.to_unit(images).double()   # as class_nll reads them
     for y in range(3):
-        torch.manual_seed(1)
-        column = realnvp.nll_per_image(model, images, labels=torch.full((5,), y))
+        column = RealNVPLoss(reduction='none')(*model(x, noise=noise, labels=torch.full((5,), y)))
         assert (table[:, y] - column).abs().max() < 1e-9
     assert table.shape == (5, 3)
