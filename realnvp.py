@@ -481,8 +481,8 @@ class RealNVP(nn.Module):
                               for chunk, y in zip(z.split(batch_size), chunks)])
 
     def sample(self, n, temperature=1.0, generator=None, labels=None):
-        """n images in [0, 1], shape (n, C, H, W), from z ~ N(0, temperature^2 I) (for a class-conditional model,
-        eps: the prior of each of `labels` (n,), with its spread scaled by the temperature)."""
+        """n images in [0, 1], shape (n, C, H, W), from z ~ N(0, temperature^2 I) (with a learned prior, eps: the
+        prior's N(mean, diag(scale)^2), of each of `labels` (n,) if class-conditional, with scale times T)."""
         z = torch.randn((n, *self.shape), generator=generator, dtype=self.dtype, device=self.device)
         return self.decode(temperature * z, labels=labels)
 

@@ -23,7 +23,8 @@ def build_parser():
     a('--ckpt', default=None, help='checkpoint from train.py (default: the newest run\'s best.pt under --runs-dir)')
     a('--runs-dir', default='runs', help='where to look for the newest run (default runs)')
     a('--n', type=P.positive_int, default=16, help='number of samples (default 16)')
-    a('--temperature', type=P.positive_float, default=1.0, help='z ~ N(0, T^2 I) (default 1.0)')
+    a('--temperature', type=P.positive_float, default=1.0,
+      help='z ~ N(0, T^2 I); with a learned prior, N(mean, T^2 diag(scale)^2) (default 1.0)')
     a('--digit', type=int, nargs='+', choices=range(10), metavar='D',
       help='with a class-conditional checkpoint (train.py --conditional): draw these digits, --n of each, a row '
            'each (default: a row of each of the ten)')
